@@ -1,0 +1,43 @@
+import subprocess
+import sys
+import tempfile
+
+
+def _run(code: str) -> str:
+    # Run outside the repository so that the repository root is not on sys.path.
+    with tempfile.TemporaryDirectory() as cwd:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_solver_import_does_not_import_transformers():
+    out = _run("import sys, hf_decoupleq.solver, hf_decoupleq.packing; print('transformers' in sys.modules)")
+    assert out == "False"
+
+
+def test_import_registers_quant_method_when_transformers_comes_later():
+    code = (
+        "import hf_decoupleq\n"
+        "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, AUTO_QUANTIZATION_CONFIG_MAPPING\n"
+        "print(AUTO_QUANTIZER_MAPPING['decoupleq'].__name__, AUTO_QUANTIZATION_CONFIG_MAPPING['decoupleq'].__name__)"
+    )
+    assert _run(code) == "DecoupleQHfQuantizer DecoupleQConfig"
+
+
+def test_import_registers_when_transformers_came_first():
+    code = (
+        "import transformers\n"
+        "import hf_decoupleq\n"
+        "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING\n"
+        "print(AUTO_QUANTIZER_MAPPING['decoupleq'].__name__)"
+    )
+    assert _run(code) == "DecoupleQHfQuantizer"
+
+
+def test_kernels_ship_inside_the_package_not_top_level():
+    code = (
+        "import importlib.util, hf_decoupleq.kernels as k\n"
+        "print(k.__name__, importlib.util.find_spec('kernels') is None or 'hf_decoupleq' not in str(importlib.util.find_spec('kernels').origin))"
+    )
+    assert _run(code) == "hf_decoupleq.kernels True"
