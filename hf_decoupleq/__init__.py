@@ -24,6 +24,7 @@ _LAZY_ATTRS = {
     "DecoupleQLinear": "hf_decoupleq.nn.linear",
     "replace_with_decoupleq_linear": "hf_decoupleq.integration",
     "quantize_model": "hf_decoupleq.pipeline",
+    "quantize": "hf_decoupleq.api",
     "prepare_for_training": "hf_decoupleq.training",
     "solve_layer": "hf_decoupleq.solver",
     "HessianAccumulator": "hf_decoupleq.solver",
@@ -35,6 +36,7 @@ __all__ = [
     "DecoupleQLinear",
     "HessianAccumulator",
     "prepare_for_training",
+    "quantize",
     "quantize_model",
     "register",
     "replace_with_decoupleq_linear",
@@ -43,6 +45,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .api import quantize
     from .config import DecoupleQConfig
     from .nn.linear import DecoupleQLinear
     from .pipeline import quantize_model

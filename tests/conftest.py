@@ -21,3 +21,74 @@ def shared_data() -> pathlib.Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"../shared/data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+WIKI_VALID = SHARED_DATA / "wikitext2" / "wiki.valid.tokens"
+WIKI_TEST = SHARED_DATA / "wikitext2" / "wiki.test.raw"
+
+
+def build_tiny_tokenizer(text: str, vocab_size: int = 128):
+    """A word-level tokenizer trained offline on `text` (no Hub access needed)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"])
+    tok.train_from_iterator([text], trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def build_tiny_model(arch: str = "llama", vocab_size: int = 128, seed: int = 0):
+    """A tiny random causal LM (2 blocks, hidden 64) of the given family."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, max_position_embeddings=256)
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(
+            intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, **common
+        )
+        model = transformers.LlamaForCausalLM(cfg)
+    elif arch == "qwen2":
+        cfg = transformers.Qwen2Config(
+            intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, **common
+        )
+        model = transformers.Qwen2ForCausalLM(cfg)
+    elif arch == "opt":
+        cfg = transformers.OPTConfig(
+            vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+            max_position_embeddings=256, word_embed_proj_dim=64,
+        )
+        model = transformers.OPTForCausalLM(cfg)
+    else:  # pragma: no cover
+        raise ValueError(arch)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def wiki_text(shared_data) -> str:
+    return (shared_data / "wikitext2" / "wiki.valid.tokens").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(wiki_text):
+    return build_tiny_tokenizer(wiki_text[:200_000])
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_tokenizer):
+    """Directories holding saved tiny fp32 models (with tokenizer), keyed by architecture."""
+    cache = {}
+
+    def get(arch: str = "llama"):
+        if arch not in cache:
+            path = tmp_path_factory.mktemp(f"tiny-{arch}")
+            build_tiny_model(arch, vocab_size=len(tiny_tokenizer)).save_pretrained(path)
+            tiny_tokenizer.save_pretrained(path)
+            cache[arch] = path
+        return cache[arch]
+
+    return get

@@ -1,0 +1,268 @@
+"""`DecoupleQConfig`: every option of quantize-on-load, validated, JSON-safe, round-trippable."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .errors import DecoupleQConfigError
+from .packing import FORMAT_VERSION
+
+QUANT_METHOD = "decoupleq"
+SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_METHODS = ("decoupleq", "gptq", "rtn")
+KNOWN_DATASETS = ("wikitext2", "c4", "pile", "self")
+BLOCKWISE_OPTIMIZERS = ("adam",)
+
+# Fields that change the numbers a run produces. A resume directory written with different values is refused.
+RESULT_FIELDS = (
+    "bits",
+    "group_size",
+    "symmetric",
+    "act_order",
+    "rounds",
+    "damp",
+    "method",
+    "integer_zero",
+    "blockwise",
+    "blockwise_epochs",
+    "blockwise_lr",
+    "blockwise_weight_decay",
+    "train_norms",
+    "num_samples",
+    "seq_len",
+    "seed",
+    "modules_to_not_convert",
+    "true_sequential",
+    "dataset",
+    "batch_size",
+    "format_version",
+)
+
+
+def _describe_dataset(dataset: Any) -> Any:
+    """A JSON-safe description of a dataset argument (objects never go into config.json)."""
+    if dataset is None or isinstance(dataset, str):
+        return dataset
+    if isinstance(dataset, os.PathLike):
+        return os.fspath(dataset)
+    if isinstance(dataset, (list, tuple)):
+        if all(isinstance(x, str) for x in dataset):
+            return f"<list of {len(dataset)} strings>"
+        return f"<list of {len(dataset)} items>"
+    try:
+        import torch
+
+        if isinstance(dataset, torch.Tensor):
+            return f"<tokenized tensor {list(dataset.shape)}>"
+    except ImportError:  # pragma: no cover
+        pass
+    name = type(dataset).__name__
+    length = getattr(dataset, "num_rows", None)
+    return f"<{name}{'' if length is None else f' with {length} rows'}>"
+
+
+def _describe_tokenizer(tokenizer: Any) -> str | None:
+    if tokenizer is None or isinstance(tokenizer, str):
+        return tokenizer
+    if isinstance(tokenizer, os.PathLike):
+        return os.fspath(tokenizer)
+    return getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+
+
+class DecoupleQConfig(QuantizationConfigMixin):
+    """Configuration of decoupleQ quantization (arXiv 2404.12759) for `from_pretrained`.
+
+    Passing it as `quantization_config` quantizes the model on load: calibration windows are drawn from
+    `dataset`, every linear layer of every decoder block (except `modules_to_not_convert`) is solved with the
+    two-stage decoupleQ solver, and replaced by a packed `DecoupleQLinear`. Saved checkpoints record this config
+    in `config.json` and reload packed, without calibration.
+
+    Args:
+        bits (`int`, defaults to 2): bits per weight code; one of 2, 3, 4, 8.
+        group_size (`int`, defaults to 64): input columns sharing one (scale, zero); -1 for one group per row.
+        symmetric (`bool`, defaults to False): zero fixed at `-scale * 2**(bits-1)` instead of a free float.
+        act_order (`bool`, defaults to True): GPTQ rounding in descending `diag(H)` order.
+        rounds (`int`, defaults to 3): alternations of the closed-form (s, z) step and re-rounding (paper's T).
+        damp (`float`, defaults to 0.01): relative Hessian dampening (raised tenfold, boundedly, if Cholesky fails).
+        method (`str`, defaults to "decoupleq"): "decoupleq", or the baselines "gptq" / "rtn" from the same machinery.
+        integer_zero (`bool`, defaults to False): restrict zeros to the integer grid (GPTQ-format compatible).
+        blockwise (`bool`, defaults to True): run the block-wise stage (Eq. 2) after each block's layer-wise stage.
+        blockwise_epochs (`int`, defaults to 4), blockwise_lr (`float`, defaults to 1e-5),
+        blockwise_weight_decay (`float`, defaults to 0.0): Adam settings of the block-wise stage.
+        train_norms (`bool`, defaults to True): also train the block's norm weights in the block-wise stage.
+        num_samples (`int`, defaults to 128), seq_len (`int`, defaults to 2048): calibration windows.
+        seed (`int`, defaults to 0): seeds window sampling and block-wise batch order.
+        modules_to_not_convert (`list[str]`, *optional*): module names kept in full precision (default: `lm_head`
+            and whatever transformers skips by default).
+        true_sequential (`bool`, defaults to True): collect each sub-group's Hessian with the earlier sub-groups of
+            the block already quantized (`[q, k, v] -> o -> [gate, up] -> down` in Llama).
+        dataset (defaults to "c4"): "wikitext2", "c4", "pile" (Hub datasets), "self" (sampled from the model itself),
+            a local `.txt`/`.jsonl`/`.parquet` path, a list of strings, a `datasets.Dataset`, or token ids.
+        tokenizer (*optional*): a tokenizer or its name/path; defaults to the model's `name_or_path`.
+        batch_size (`int`, defaults to 1): calibration windows per forward pass.
+        checkpoint_dir (`str`, *optional*): save each finished block there atomically and resume from it.
+        device (`str`, *optional*): device to solve on (default: CUDA if available, else where the block is).
+        format_version (`int`): version of the packed format; written by this library, checked on load.
+    """
+
+    def __init__(
+        self,
+        bits: int = 2,
+        group_size: int = 64,
+        symmetric: bool = False,
+        act_order: bool = True,
+        rounds: int = 3,
+        damp: float = 0.01,
+        method: str = "decoupleq",
+        integer_zero: bool = False,
+        blockwise: bool = True,
+        blockwise_epochs: int = 4,
+        blockwise_lr: float = 1e-5,
+        blockwise_weight_decay: float = 0.0,
+        train_norms: bool = True,
+        num_samples: int = 128,
+        seq_len: int = 2048,
+        seed: int = 0,
+        modules_to_not_convert: list[str] | None = None,
+        true_sequential: bool = True,
+        dataset: Any = "c4",
+        tokenizer: Any = None,
+        batch_size: int = 1,
+        checkpoint_dir: str | None = None,
+        device: str | None = None,
+        format_version: int = FORMAT_VERSION,
+        quantization_stats: dict | None = None,
+        **kwargs,
+    ):
+        kwargs.pop("quant_method", None)
+        if kwargs:
+            raise DecoupleQConfigError(
+                f"DecoupleQConfig got unknown option(s) {sorted(kwargs)}; allowed options are "
+                f"{sorted(self._field_names())}"
+            )
+        self.quant_method = QUANT_METHOD
+        self.bits = bits
+        self.group_size = group_size
+        self.symmetric = symmetric
+        self.act_order = act_order
+        self.rounds = rounds
+        self.damp = damp
+        self.method = method
+        self.integer_zero = integer_zero
+        self.blockwise = blockwise
+        self.blockwise_epochs = blockwise_epochs
+        self.blockwise_lr = blockwise_lr
+        self.blockwise_weight_decay = blockwise_weight_decay
+        self.train_norms = train_norms
+        self.num_samples = num_samples
+        self.seq_len = seq_len
+        self.seed = seed
+        self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
+        self.true_sequential = true_sequential
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
+        self.device = None if device is None else str(device)
+        self.format_version = format_version
+        self.quantization_stats = quantization_stats
+        self.post_init()
+
+    @classmethod
+    def _field_names(cls) -> tuple[str, ...]:
+        import inspect
+
+        return tuple(p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs"))
+
+    def post_init(self) -> None:
+        """Validate every field; raise `DecoupleQConfigError` naming the field, its value and what is allowed."""
+
+        def fail(field: str, allowed: str) -> None:
+            raise DecoupleQConfigError(f"DecoupleQConfig.{field}={getattr(self, field)!r} is not allowed: {allowed}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not is_int(self.bits) or self.bits not in SUPPORTED_BITS:
+            fail("bits", f"use one of {list(SUPPORTED_BITS)}")
+        if not is_int(self.group_size) or not (self.group_size == -1 or self.group_size >= 1):
+            fail("group_size", "use a positive integer (e.g. 32, 64, 128) or -1 for per-channel")
+        for flag in ("symmetric", "act_order", "integer_zero", "blockwise", "train_norms", "true_sequential"):
+            if not isinstance(getattr(self, flag), bool):
+                fail(flag, "use True or False")
+        if not is_int(self.rounds) or self.rounds < 0:
+            fail("rounds", "use an integer >= 0")
+        if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) or not 0 < self.damp < 1:
+            fail("damp", "use a float in (0, 1), e.g. 0.01")
+        if self.method not in SUPPORTED_METHODS:
+            fail("method", f"use one of {list(SUPPORTED_METHODS)}")
+        if not is_int(self.blockwise_epochs) or self.blockwise_epochs < 0:
+            fail("blockwise_epochs", "use an integer >= 0")
+        for field in ("blockwise_lr", "blockwise_weight_decay"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                fail(field, "use a float >= 0")
+        for field in ("num_samples", "seq_len", "batch_size"):
+            if not is_int(getattr(self, field)) or getattr(self, field) < 1:
+                fail(field, "use a positive integer")
+        if not is_int(self.seed) or self.seed < 0:
+            fail("seed", "use an integer >= 0")
+        if self.modules_to_not_convert is not None and not all(
+            isinstance(m, str) for m in self.modules_to_not_convert
+        ):
+            fail("modules_to_not_convert", "use a list of module names")
+        if isinstance(self.dataset, str) and self.dataset.lower() in KNOWN_DATASETS:
+            self.dataset = self.dataset.lower()
+        if self.dataset is None:
+            fail("dataset", f"use one of {list(KNOWN_DATASETS)}, a file path, a list of strings or a datasets.Dataset")
+        if not is_int(self.format_version) or self.format_version < 1:
+            fail("format_version", "use a positive integer")
+        if self.format_version > FORMAT_VERSION:
+            raise DecoupleQConfigError(
+                f"this checkpoint was written with decoupleQ format_version={self.format_version}, but this "
+                f"hf-decoupleq supports format_version <= {FORMAT_VERSION}: upgrade hf-decoupleq "
+                "(pip install -U hf-decoupleq)"
+            )
+
+    @property
+    def effective_modules_to_not_convert(self) -> list[str]:
+        return ["lm_head"] if self.modules_to_not_convert is None else list(self.modules_to_not_convert)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict for config.json: datasets and tokenizers are recorded by name, never as objects."""
+        out = {}
+        for key, value in self.__dict__.items():
+            if key.startswith("_"):
+                continue
+            if key == "dataset":
+                value = _describe_dataset(value)
+            elif key == "tokenizer":
+                value = _describe_tokenizer(value)
+            out[key] = copy.deepcopy(value)
+        return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def result_fingerprint(self) -> dict[str, Any]:
+        """The fields that determine the quantized result (used to refuse resuming with other settings)."""
+        d = self.to_dict()
+        return {k: d[k] for k in RESULT_FIELDS}
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    def __deepcopy__(self, memo):
+        # transformers deep-copies its kwargs; tokenizers/datasets objects are shared, not copied.
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key in ("dataset", "tokenizer"):
+                new.__dict__[key] = value
+            else:
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        return new

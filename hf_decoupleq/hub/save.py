@@ -1,0 +1,93 @@
+"""Model cards on `save_pretrained` / `push_to_hub` of a decoupleQ model.
+
+transformers writes no model card on `save_pretrained`, and its `push_to_hub` replaces README.md with a generic
+card. A quantized checkpoint without its settings and the `import hf_decoupleq` line is a trap for its users
+(transformers silently loads random weights without the plugin), so the quantizer attaches, on the model
+instance only, a `save_pretrained` that also renders `model_cards/template.md`, and a `push_to_hub` that saves
+that folder and uploads it with `huggingface_hub` (one commit).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+from typing import Any
+
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_MARK = "_decoupleq_card_writer"
+
+
+def _state_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def render_card_for(model: nn.Module, repo_id: str | None = None):
+    from .card import render_model_card
+
+    qcfg = model.config.quantization_config
+    qdict = qcfg.to_dict() if hasattr(qcfg, "to_dict") else dict(qcfg)
+    stats = qdict.get("quantization_stats") or {}
+    base = stats.get("base_model") or getattr(model, "name_or_path", None) or None
+    return render_model_card(
+        qdict,
+        base_model=base if base and not os.path.isdir(str(base)) else None,
+        quantized_size_bytes=_state_bytes(model),
+        original_size_bytes=stats.get("original_size_bytes"),
+        eval_results=stats.get("eval"),
+        repo_id=repo_id,
+    )
+
+
+def attach_card_writer(model: nn.Module) -> None:
+    """Make `model.save_pretrained` also write README.md and `model.push_to_hub` upload it (idempotent)."""
+    if getattr(model, _MARK, False):
+        return
+    original_save = model.save_pretrained
+
+    @functools.wraps(original_save)
+    def save_pretrained(save_directory, *args, **kwargs):
+        result = original_save(save_directory, *args, **kwargs)
+        if getattr(model, "hf_quantizer", None) is not None and getattr(model.config, "quantization_config", None):
+            card = render_card_for(model, repo_id=kwargs.get("repo_id"))
+            card.save(os.path.join(os.fspath(save_directory), "README.md"))
+        return result
+
+    @functools.wraps(model.push_to_hub)
+    def push_to_hub(
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        max_shard_size: str | int = "50GB",
+        create_pr: bool = False,
+        revision: str | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ):
+        from huggingface_hub import HfApi, ModelCard
+
+        api = HfApi(token=token if isinstance(token, str) else None)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            save_pretrained(tmp, max_shard_size=max_shard_size, repo_id=repo_id)
+            if tags:
+                card = ModelCard.load(os.path.join(tmp, "README.md"))
+                card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *tags]))
+                card.save(os.path.join(tmp, "README.md"))
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=tmp,
+                commit_message=commit_message or "Upload decoupleQ-quantized model",
+                create_pr=create_pr,
+                revision=revision,
+            )
+
+    model.save_pretrained = save_pretrained
+    model.push_to_hub = push_to_hub
+    setattr(model, _MARK, True)

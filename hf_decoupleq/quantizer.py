@@ -1,0 +1,146 @@
+"""`DecoupleQHfQuantizer`: thin glue between transformers' loading hooks and this library."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.quantizers import HfQuantizer
+
+from .config import DecoupleQConfig
+from .errors import DecoupleQCheckpointError, DecoupleQConfigError
+from .integration import dequantize_model, replace_with_decoupleq_linear
+from .nn.linear import DecoupleQLinear
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+
+class DecoupleQHfQuantizer(HfQuantizer):
+    """Quantize on load with decoupleQ, or load a packed decoupleQ checkpoint.
+
+    - Not pre-quantized: the full-precision weights load into plain `nn.Linear`s, then
+      `_process_model_after_weight_loading` calibrates and quantizes block by block (`pipeline.quantize_model`).
+    - Pre-quantized (`"quant_method": "decoupleq"` in config.json): linears are swapped for empty
+      `DecoupleQLinear`s on the meta device before loading, and the packed tensors load straight into them.
+    """
+
+    requires_calibration = False
+    quantization_config: DecoupleQConfig
+
+    def __init__(self, quantization_config: DecoupleQConfig, **kwargs):
+        if not isinstance(quantization_config, DecoupleQConfig):
+            quantization_config = DecoupleQConfig.from_dict(dict(quantization_config))
+        super().__init__(quantization_config, **kwargs)
+
+    # --- environment -------------------------------------------------------------------------------------------
+    def validate_environment(self, *args, device_map: Any = None, **kwargs) -> None:
+        if isinstance(device_map, dict):
+            for target in set(map(str, device_map.values())):
+                if target.startswith("cuda") or target.isdigit():
+                    index = int(target.split(":")[1]) if ":" in target else int(target) if target.isdigit() else 0
+                    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+                        raise DecoupleQConfigError(
+                            f"device_map places modules on {target!r}, but this machine has "
+                            f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s)"
+                        )
+        elif isinstance(device_map, str) and device_map.startswith("cuda") and not torch.cuda.is_available():
+            raise DecoupleQConfigError(f"device_map={device_map!r} asks for CUDA, but no CUDA device is available")
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype
+
+    # --- loading -----------------------------------------------------------------------------------------------
+    def _process_model_before_weight_loading(
+        self, model: PreTrainedModel, checkpoint_files: list[str] | None = None, **kwargs
+    ) -> None:
+        if not self.pre_quantized:
+            return
+        cfg = self.quantization_config
+        self.modules_to_not_convert = self.get_modules_to_not_convert(
+            model, cfg.modules_to_not_convert, add_default_skips=True
+        )
+        dtype = _model_dtype(model)
+        replaced = replace_with_decoupleq_linear(
+            model,
+            bits=cfg.bits,
+            group_size=cfg.group_size,
+            modules_to_not_convert=self.modules_to_not_convert,
+            dtype=dtype,
+        )
+        logger.info("prepared %d packed decoupleQ linears for loading", len(replaced))
+        if checkpoint_files:
+            check_checkpoint_shapes(model, checkpoint_files)
+
+    def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs) -> PreTrainedModel:
+        cfg = self.quantization_config
+        if not self.pre_quantized:
+            from .pipeline import quantize_model
+
+            self.modules_to_not_convert = self.get_modules_to_not_convert(
+                model, cfg.modules_to_not_convert, add_default_skips=True
+            )
+            cfg.modules_to_not_convert = list(self.modules_to_not_convert)
+            tokenizer = cfg.tokenizer
+            quantize_model(model, cfg, tokenizer=tokenizer)
+        for module in model.modules():
+            if isinstance(module, DecoupleQLinear):
+                module.post_init()
+        from .hub.save import attach_card_writer
+
+        attach_card_writer(model)
+        return model
+
+    # --- capabilities ------------------------------------------------------------------------------------------
+    def is_serializable(self, safe_serialization: bool | None = None) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        # Scales, zeros and norms can be trained with the codes frozen (see `hf_decoupleq.prepare_for_training`).
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+    def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None) -> PreTrainedModel:
+        return dequantize_model(model, dtype=dtype)
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            return module.weight.dtype
+    return getattr(model.config, "dtype", None) or torch.get_default_dtype()
+
+
+def check_checkpoint_shapes(model: torch.nn.Module, checkpoint_files: list[str]) -> None:
+    """Compare the packed tensors' shapes in the safetensors headers with the modules built from the config, so a
+    checkpoint that disagrees with its config fails with a message instead of silently re-initialized weights."""
+    expected = {
+        name: tuple(t.shape)
+        for name, t in model.state_dict().items()
+        if name.endswith((".qweight", ".scales", ".zeros"))
+    }
+    for path in checkpoint_files:
+        if not str(path).endswith(".safetensors") or not os.path.exists(path):
+            continue
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        for name, info in header.items():
+            if name == "__metadata__" or name not in expected:
+                continue
+            found = tuple(info["shape"])
+            if found != expected[name]:
+                raise DecoupleQCheckpointError(
+                    f"packed tensor {name!r} in {os.path.basename(path)} has shape {list(found)}, but the "
+                    f"checkpoint's quantization_config (bits/group_size) implies {list(expected[name])}: the "
+                    "checkpoint and its config.json disagree"
+                )

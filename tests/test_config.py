@@ -1,0 +1,58 @@
+import json
+
+import pytest
+
+from hf_decoupleq import DecoupleQConfig
+from hf_decoupleq.errors import DecoupleQConfigError
+
+
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("bits", 5, "bits=5"),
+        ("bits", 1, "[2, 3, 4, 8]"),
+        ("group_size", 0, "group_size=0"),
+        ("group_size", -2, "-1 for per-channel"),
+        ("method", "awq", "'awq'"),
+        ("damp", 0.0, "damp=0.0"),
+        ("rounds", -1, "rounds=-1"),
+        ("num_samples", 0, "num_samples=0"),
+        ("seq_len", 1.5, "seq_len=1.5"),
+        ("symmetric", "yes", "symmetric='yes'"),
+        ("blockwise_lr", -1e-3, "blockwise_lr"),
+        ("dataset", None, "dataset=None"),
+    ],
+)
+def test_bad_values_name_the_field_and_what_is_allowed(field, value, needle):
+    with pytest.raises(DecoupleQConfigError) as err:
+        DecoupleQConfig(**{field: value})
+    assert needle in str(err.value)
+    assert f"DecoupleQConfig.{field}" in str(err.value)
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(DecoupleQConfigError, match="bitz"):
+        DecoupleQConfig(bitz=2)
+
+
+def test_to_dict_is_json_safe_and_round_trips(tiny_tokenizer):
+    cfg = DecoupleQConfig(bits=3, group_size=128, dataset=["some text", "more text"], tokenizer=tiny_tokenizer)
+    d = cfg.to_dict()
+    text = json.dumps(d)  # no tokenizer or dataset objects
+    assert d["quant_method"] == "decoupleq"
+    assert d["dataset"] == "<list of 2 strings>"
+    assert isinstance(d["tokenizer"], (str, type(None)))
+    back = DecoupleQConfig.from_dict(json.loads(text))
+    assert back.to_dict() == d
+
+
+def test_defaults_follow_the_paper():
+    cfg = DecoupleQConfig()
+    assert (cfg.bits, cfg.group_size, cfg.rounds, cfg.damp, cfg.num_samples, cfg.seq_len) == (2, 64, 3, 0.01, 128, 2048)
+    assert cfg.blockwise and cfg.true_sequential and cfg.act_order and not cfg.symmetric
+    assert cfg.effective_modules_to_not_convert == ["lm_head"]
+
+
+def test_newer_format_version_refused():
+    with pytest.raises(DecoupleQConfigError, match="upgrade"):
+        DecoupleQConfig(format_version=10**6)

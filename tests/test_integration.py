@@ -1,0 +1,191 @@
+"""End-to-end transformers integration on tiny random models: quantize on load, save, reload, generate, push."""
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import hf_decoupleq  # noqa: F401  (registers "decoupleq")
+from hf_decoupleq import DecoupleQConfig, DecoupleQLinear
+from hf_decoupleq.errors import DecoupleQCheckpointError, DecoupleQConfigError, UnsupportedModelError
+from hf_decoupleq.integration import find_decoder_blocks
+
+from conftest import WIKI_VALID
+
+
+def small_config(**overrides):
+    kw = dict(
+        bits=2,
+        group_size=16,
+        dataset=str(WIKI_VALID),
+        num_samples=4,
+        seq_len=32,
+        blockwise_epochs=1,
+        blockwise_lr=1e-4,
+        rounds=2,
+    )
+    kw.update(overrides)
+    return DecoupleQConfig(**kw)
+
+
+def quantize(path, **overrides):
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=small_config(**overrides), dtype=torch.float32)
+
+
+def packed_modules(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, DecoupleQLinear)}
+
+
+@pytest.fixture(scope="module")
+def quantized_llama(tiny_checkpoint):
+    return quantize(tiny_checkpoint("llama"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_quantize_save_reload_generate(arch, tiny_checkpoint, tiny_tokenizer, tmp_path, caplog):
+    src = tiny_checkpoint(arch)
+    model = quantize(src)
+    packed = packed_modules(model)
+    # Every linear of every decoder block is packed; lm_head is not.
+    _, blocks = find_decoder_blocks(model)
+    n_linears = sum(isinstance(m, (torch.nn.Linear, DecoupleQLinear)) for m in blocks.modules())
+    assert len(packed) == n_linears == 2 * 7
+    assert not isinstance(model.lm_head, DecoupleQLinear)
+    assert model.config.quantization_config.quantization_stats["blocks"]
+
+    out = tmp_path / "out"
+    model.save_pretrained(out)
+    tiny_tokenizer.save_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "decoupleq"
+    assert cfg["quantization_config"]["bits"] == 2
+    card = (out / "README.md").read_text()
+    assert "import hf_decoupleq" in card
+
+    with caplog.at_level(logging.WARNING):
+        reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert not [r for r in caplog.records if "missing" in r.getMessage().lower() or "unexpected" in r.getMessage().lower()]
+    # The reloaded state dict equals the saved tensors bit for bit.
+    saved = load_file(out / "model.safetensors")
+    state = reloaded.state_dict()
+    for key, tensor in saved.items():
+        assert torch.equal(state[key], tensor), key
+    assert set(packed_modules(reloaded)) == set(packed)
+
+    ids = tiny_tokenizer("the game was released in", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+    gen_a = model.generate(ids, max_new_tokens=8, do_sample=False)
+    gen_b = reloaded.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(gen_a, gen_b)
+
+
+def test_packed_model_computes_what_the_dequantized_weights_compute(quantized_llama, tiny_tokenizer):
+    ids = tiny_tokenizer("in the first season of the series", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits_q = quantized_llama(ids).logits
+    # Independent reference: a plain model holding the dequantized weights.
+    import copy
+
+    plain = copy.deepcopy(quantized_llama)
+    plain.dequantize()
+    assert not packed_modules(plain)
+    with torch.no_grad():
+        logits_p = plain(ids).logits
+    torch.testing.assert_close(logits_q, logits_p, rtol=1e-4, atol=1e-4)
+
+
+def test_quantized_model_is_closer_to_fp_than_rtn(tiny_checkpoint, tiny_tokenizer, wiki_text):
+    src = tiny_checkpoint("llama")
+    fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    dq = quantize(src, bits=3, rounds=3)
+    rtn = quantize(src, bits=3, method="rtn", blockwise=False)
+    ids = tiny_tokenizer(wiki_text[5000:8000], return_tensors="pt").input_ids[:, :128]
+    with torch.no_grad():
+        ref = fp(ids).logits.double()
+        err_dq = (dq(ids).logits.double() - ref).pow(2).mean()
+        err_rtn = (rtn(ids).logits.double() - ref).pow(2).mean()
+    assert err_dq < err_rtn
+
+
+def test_push_to_hub_uploads_packed_files_and_card(quantized_llama, monkeypatch):
+    import huggingface_hub
+
+    uploaded = {}
+
+    def fake_create_repo(self, repo_id, **kwargs):
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def fake_create_commit(self, repo_id, operations, **kwargs):
+        for op in operations:
+            src = op.path_or_fileobj
+            uploaded[op.path_in_repo] = open(src, "rb").read() if isinstance(src, str) else src.read()
+        uploaded["__repo__"] = repo_id
+        return huggingface_hub.CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/abc", commit_message="x", commit_description="",
+            oid="abc", pr_url=None,
+        )
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fake_create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", fake_create_commit)
+    quantized_llama.push_to_hub("me/tiny-w2", token="hf_dummy")
+    assert uploaded["__repo__"] == "me/tiny-w2"
+    assert {"config.json", "model.safetensors", "README.md"} <= set(uploaded)
+    card = uploaded["README.md"].decode()
+    assert "import hf_decoupleq" in card and "decoupleq" in card
+    cfg = json.loads(uploaded["config.json"])
+    assert cfg["quantization_config"]["quant_method"] == "decoupleq"
+    from safetensors.torch import load
+
+    tensors = load(uploaded["model.safetensors"])
+    assert any(k.endswith(".qweight") and v.dtype == torch.int32 for k, v in tensors.items())
+
+
+def test_sharded_save_reloads(quantized_llama, tmp_path):
+    quantized_llama.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.arange(10).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(quantized_llama(ids).logits, reloaded(ids).logits)
+
+
+def test_checkpoint_shapes_must_match_config(quantized_llama, tmp_path):
+    quantized_llama.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"]["group_size"] = 32
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DecoupleQCheckpointError, match="scales"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_newer_format_version_is_refused(quantized_llama, tmp_path):
+    quantized_llama.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"]["format_version"] = 99
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DecoupleQConfigError, match="format_version=99"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_unsupported_model_is_named():
+    with pytest.raises(UnsupportedModelError, match="decoder blocks"):
+        find_decoder_blocks(torch.nn.Sequential(torch.nn.Embedding(4, 4)))
+
+
+def test_opt_blocks_are_found_generically(tiny_checkpoint):
+    model = quantize(tiny_checkpoint("opt"), blockwise=False)
+    names = set(packed_modules(model))
+    assert "model.decoder.layers.0.self_attn.q_proj" in names and "model.decoder.layers.1.fc2" in names
+    assert len(names) == 2 * 6
+
+
+def test_device_map_onto_missing_device_is_refused(quantized_llama, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    quantized_llama.save_pretrained(tmp_path)
+    with pytest.raises(DecoupleQConfigError, match="CUDA"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, device_map={"": "cuda:0"})
