@@ -33,7 +33,7 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         kinds = {type(child) for child in module}
         if len(kinds) != 1:
             continue
-        if not any(isinstance(m, nn.Linear) for m in module[0].modules()):
+        if not any(isinstance(m, (nn.Linear, DecoupleQLinear)) for m in module[0].modules()):
             continue
         candidates.append((name, module))
     if not candidates:

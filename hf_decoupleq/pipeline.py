@@ -256,23 +256,28 @@ def _materialize_block(block: nn.Module, device: torch.device, block_name: str) 
     from accelerate.hooks import remove_hook_from_module
     from accelerate.utils import set_module_tensor_to_device
 
-    hook = getattr(block, "_hf_hook", None)
-    weights_map = getattr(hook, "weights_map", None)
-    if weights_map is None:
-        raise DecoupleQError(
-            f"{block_name} has weights on the meta device and no accelerate offload map to read them from; "
-            "load the model with a device_map that places every block on a device or offloads it with accelerate"
-        )
-    names = [n for n, _ in block.named_parameters()] + [n for n, _ in block.named_buffers()]
-    values = {}
-    for name in names:
-        try:
-            values[name] = weights_map[name]
-        except KeyError as exc:
-            raise DecoupleQError(f"offloaded weight {block_name}.{name} is missing from accelerate's map") from exc
+    # accelerate hooks each offloaded module (often the leaves) with a map of its own tensors.
+    values: list[tuple[nn.Module, str, torch.Tensor]] = []
+    for mod_name, module in block.named_modules():
+        tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        for name, tensor in tensors:
+            if tensor.device.type != "meta":
+                continue
+            weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+            if weights_map is None:
+                raise DecoupleQError(
+                    f"{block_name}.{mod_name}.{name} is on the meta device with no accelerate offload map to read it "
+                    "from; load the model with a device_map that places or offloads every block with accelerate"
+                )
+            try:
+                values.append((module, name, weights_map[name]))
+            except KeyError as exc:
+                raise DecoupleQError(
+                    f"offloaded weight {block_name}.{mod_name}.{name} is missing from accelerate's map"
+                ) from exc
     remove_hook_from_module(block, recurse=True)
-    for name, value in values.items():
-        set_module_tensor_to_device(block, name, device, value=value)
+    for module, name, value in values:
+        set_module_tensor_to_device(module, name, device, value=value)
     return True
 
 
@@ -316,8 +321,11 @@ def quantize_block(
     # Pass 1: full-precision outputs (block-wise targets) + the first sub-group's Hessian (or every sub-group's).
     first_groups = groups[:1] if config.true_sequential else groups
     need_targets = config.blockwise and config.blockwise_epochs > 0
+    # Without targets to keep, the first pass can stop as soon as the first sub-group has seen its input.
+    stop_first = None if (need_targets or not config.true_sequential) else groups[0][-1]
     accs, targets = _collect_hessians(
-        block, linears, first_groups, inputs, device, block_name=block_name, keep_outputs=need_targets, stop_after=None
+        block, linears, first_groups, inputs, device, block_name=block_name, keep_outputs=need_targets,
+        stop_after=stop_first,
     )
     for group in first_groups:
         solve_group(group, accs)

@@ -106,6 +106,11 @@ class DecoupleQHfQuantizer(HfQuantizer):
         return True
 
     @property
+    def is_qat_trainable(self) -> bool:
+        # Lets a plain `transformers.Trainer` train the float parts after `prepare_for_training` (no adapters).
+        return True
+
+    @property
     def is_compileable(self) -> bool:
         return True
 

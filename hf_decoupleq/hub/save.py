@@ -70,7 +70,7 @@ def attach_card_writer(model: nn.Module) -> None:
         tags: list[str] | None = None,
         **kwargs: Any,
     ):
-        from huggingface_hub import HfApi, ModelCard
+        from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 
         api = HfApi(token=token if isinstance(token, str) else None)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
@@ -80,9 +80,15 @@ def attach_card_writer(model: nn.Module) -> None:
                 card = ModelCard.load(os.path.join(tmp, "README.md"))
                 card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *tags]))
                 card.save(os.path.join(tmp, "README.md"))
-            return api.upload_folder(
+            operations = [
+                CommitOperationAdd(path_in_repo=os.path.relpath(os.path.join(root, f), tmp).replace(os.sep, "/"),
+                                   path_or_fileobj=os.path.join(root, f))
+                for root, _, files in sorted(os.walk(tmp))
+                for f in sorted(files)
+            ]
+            return api.create_commit(
                 repo_id=repo_id,
-                folder_path=tmp,
+                operations=operations,
                 commit_message=commit_message or "Upload decoupleQ-quantized model",
                 create_pr=create_pr,
                 revision=revision,

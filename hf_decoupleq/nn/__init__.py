@@ -1,0 +1,5 @@
+"""Torch modules holding decoupleQ packed weights."""
+
+from .linear import DecoupleQLinear
+
+__all__ = ["DecoupleQLinear"]

@@ -1,0 +1,289 @@
+"""``DecoupleQLinear``: a linear layer whose weight is stored as packed 2/3/4/8-bit codes plus float scales/zeros.
+
+``W[n, k] = scales[k // g, n] * q[n, k] + zeros[k // g, n]``; the packed layout is documented in
+:mod:`hf_decoupleq.packing` and ``docs/format.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DecoupleQConfigError
+from ..kernels import interpreting, reference, triton_available
+from ..packing import SUPPORTED_BITS, effective_group_size, num_groups, pack, packed_rows, unpack
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BACKEND_ENV", "DecoupleQLinear"]
+
+BACKEND_ENV = "HF_DECOUPLEQ_BACKEND"
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Group sizes accepted by PyTorch's fused CPU int4 kernel (aten._weight_int4pack_mm_for_cpu).
+_CPU_INT4_GROUPS = (32, 64, 128, 256)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DecoupleQConfigError(f"{name}={value!r} must be a positive int")
+    return value
+
+
+def _requested_backend() -> str:
+    """Backend forced by ``HF_DECOUPLEQ_BACKEND`` (``"triton"``, ``"torch"``) or ``"auto"``; read at call time."""
+    value = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return "auto"
+    if value not in ("triton", "torch"):
+        raise DecoupleQConfigError(f"{BACKEND_ENV}={value!r} is not allowed; use 'triton', 'torch' or 'auto'")
+    return value
+
+
+def _select_backend(device: torch.device) -> str:
+    requested = _requested_backend()
+    if requested == "torch":
+        return "torch"
+    if requested == "triton":
+        if not triton_available():
+            raise DecoupleQConfigError(f"{BACKEND_ENV}=triton but triton is not installed")
+        if device.type != "cuda" and not interpreting():
+            raise DecoupleQConfigError(
+                f"{BACKEND_ENV}=triton with tensors on {device.type}: Triton runs on CUDA, or on the CPU only under "
+                "TRITON_INTERPRET=1 (set before triton is imported)"
+            )
+        return "triton"
+    return "triton" if device.type == "cuda" and triton_available() else "torch"
+
+
+class DecoupleQLinear(nn.Module):
+    """Linear layer ``y = x W^T + b`` with a decoupleQ-quantized weight.
+
+    Args:
+        in_features (`int`): size of each input sample (``K``).
+        out_features (`int`): size of each output sample (``N``).
+        bits (`int`): code width, one of 2, 3, 4, 8.
+        group_size (`int`): columns per (scale, zero) group; ``-1`` means one group per output row (per-channel).
+            ``effective_group_size`` holds the group size in columns (``in_features`` for per-channel).
+        bias (`bool`, defaults to `True`): whether to hold a ``bias`` buffer.
+        dtype (`torch.dtype`, defaults to `torch.float16`): dtype of ``scales``, ``zeros`` and ``bias``.
+        device: where to allocate the buffers (``with torch.device("meta"):`` works too).
+
+    Buffers (persistent, i.e. in the ``state_dict``; their shapes depend only on the arguments above):
+        - ``qweight``: int32 ``[packed_rows(in_features, bits), out_features]``, codes packed along the input dim.
+        - ``scales``, ``zeros``: ``dtype`` ``[ceil(in_features / effective_group_size), out_features]``.
+        - ``bias``: ``dtype`` ``[out_features]`` (only with ``bias=True``).
+
+    Forward backends:
+        - Triton (x on CUDA and triton installed, or forced with ``HF_DECOUPLEQ_BACKEND=triton``, which on the CPU
+          needs ``TRITON_INTERPRET=1``): the fused kernels of :mod:`hf_decoupleq.kernels` through the
+          ``torch.ops.hf_decoupleq.matmul`` custom op.
+        - PyTorch (everywhere else, or ``HF_DECOUPLEQ_BACKEND=torch``). On the CPU, for bits <= 4, group size
+          32/64/128/256 dividing ``in_features``, ``out_features % 16 == 0`` and bfloat16 (``x`` or the module),
+          it calls PyTorch's fused int4 CPU kernel on a cached 4-bit repacking of the codes (0.5 byte/weight,
+          computed in bfloat16). Otherwise it dequantizes into a temporary weight per call from a cached copy of
+          the unpacked uint8 codes (1 byte/weight). No full-precision copy of the weight is ever kept. Caches are
+          rebuilt when ``qweight``/``scales``/``zeros`` change (tracked by tensor version), not saved.
+        - Gradients: whenever grad mode is on and ``x``, ``scales``, ``zeros`` or ``bias`` require grad, forward
+          takes a differentiable PyTorch path (the custom ops have no autograd formula).
+
+    The output has ``x``'s dtype and is accurate to the lower precision of ``x``'s dtype and the module's dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        _positive_int("in_features", in_features)
+        _positive_int("out_features", out_features)
+        if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+            raise DecoupleQConfigError(f"bits={bits!r} is not supported; allowed: {SUPPORTED_BITS}")
+        if dtype not in _FLOAT_DTYPES:
+            raise DecoupleQConfigError(f"dtype={dtype!r} is not supported; allowed: {_FLOAT_DTYPES}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.effective_group_size = effective_group_size(in_features, group_size)
+        n_groups = num_groups(in_features, group_size)
+        rows = packed_rows(in_features, bits)
+        self.register_buffer("qweight", torch.zeros((rows, out_features), dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros((n_groups, out_features), dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.zeros((n_groups, out_features), dtype=dtype, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+        self._cache: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quantized: Any, dtype: torch.dtype | None = None) -> DecoupleQLinear:
+        """Build a packed layer from ``linear`` (for its shape and bias) and a solver result.
+
+        Args:
+            linear (`nn.Linear`): the layer that was quantized.
+            quantized: any object with ``codes`` (integer ``[out, in]``), ``scales`` and ``zeros`` (``[out, G]``),
+                ``bits`` and ``group_size`` (effective, in columns; ``-1`` is accepted for per-channel).
+            dtype (`torch.dtype`, *optional*): dtype of scales/zeros/bias; defaults to ``linear.weight.dtype``.
+        """
+        missing = [a for a in ("codes", "scales", "zeros", "bits", "group_size") if not hasattr(quantized, a)]
+        if missing:
+            raise DecoupleQConfigError(f"quantized result lacks attributes {missing}")
+        n_out, k = linear.out_features, linear.in_features
+        codes = quantized.codes
+        if tuple(codes.shape) != (n_out, k):
+            raise DecoupleQConfigError(f"codes shape {tuple(codes.shape)} != linear weight shape {(n_out, k)}")
+        bits, group_size = int(quantized.bits), int(quantized.group_size)
+        n_groups = num_groups(k, group_size)
+        for name in ("scales", "zeros"):
+            t = getattr(quantized, name)
+            if tuple(t.shape) != (n_out, n_groups):
+                raise DecoupleQConfigError(f"{name} shape {tuple(t.shape)} != expected [{n_out}, {n_groups}]")
+        dtype = dtype or linear.weight.dtype
+        device = linear.weight.device
+        module = cls(k, n_out, bits, group_size, bias=linear.bias is not None, dtype=dtype, device=device)
+        with torch.no_grad():
+            module.qweight.copy_(pack(codes.to(device), bits))
+            module.scales.copy_(quantized.scales.T.to(device=device, dtype=dtype))
+            module.zeros.copy_(quantized.zeros.T.to(device=device, dtype=dtype))
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias.detach().to(dtype))
+        return module
+
+    def post_init(self) -> None:
+        """Check the loaded buffers and prepare the backend (idempotent; call after loading a checkpoint).
+
+        Drops stale caches and, for a bfloat16 module on the CPU, builds the 4-bit repacking that PyTorch's
+        int4 CPU kernel uses, so that the first forward does not pay for it.
+        """
+        if self.qweight.dtype != torch.int32:
+            raise DecoupleQConfigError(f"qweight dtype is {self.qweight.dtype}; the packed format needs int32")
+        expected = (packed_rows(self.in_features, self.bits), self.out_features)
+        if tuple(self.qweight.shape) != expected:
+            raise DecoupleQConfigError(f"qweight shape {tuple(self.qweight.shape)} != expected {expected}")
+        self._cache.clear()
+        if self.qweight.device.type == "cpu" and self._cpu_int4_ok(self.scales.dtype):
+            self._cpu_int4_operands()
+
+    # ------------------------------------------------------------------ properties and helpers
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of ``scales``/``zeros`` (follows ``module.to(dtype)``)."""
+        return self.scales.dtype
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}"
+        )
+
+    def _key(self, *tensors: torch.Tensor) -> tuple:
+        # Identity + in-place version: load_state_dict(assign=True) swaps tensors, copy_() bumps the version.
+        return tuple((id(t), t._version, t.device, t.dtype) for t in tensors)
+
+    def _cached(self, name: str, key: tuple, build):
+        entry = self._cache.get(name)
+        if entry is None or entry[0] != key:
+            entry = (key, build())
+            self._cache[name] = entry
+        return entry[1]
+
+    def _codes(self) -> torch.Tensor:
+        """Unpacked uint8 codes ``[out, in]`` (cached, 1 byte/weight)."""
+        return self._cached(
+            "codes", self._key(self.qweight), lambda: unpack(self.qweight, self.bits, self.in_features)
+        )
+
+    def _cpu_int4_ok(self, compute_dtype: torch.dtype) -> bool:
+        return (
+            compute_dtype == torch.bfloat16
+            and self.bits <= 4
+            and self.effective_group_size in _CPU_INT4_GROUPS
+            and self.in_features % self.effective_group_size == 0
+            and self.out_features % 16 == 0
+            and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+            and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+            and self.qweight.device.type == "cpu"
+        )
+
+    def _cpu_int4_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        def build():
+            # The kernel computes (c - 8) * s + z'. Storing c = q + 8 - m with m = 2**(bits-1) (the middle code)
+            # gives (q - m) * s + z', so z' = z + m * s: the middle of the group's range, which is small and
+            # rounds to bfloat16 with little error (z + 8 s would be far larger than the weights at 2 bits).
+            mid = 1 << (self.bits - 1)
+            codes = unpack(self.qweight, self.bits, self.in_features).to(torch.int32) + (8 - mid)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            s = self.scales.detach().float()
+            z = self.zeros.detach().float() + mid * s
+            return packed, torch.stack([s, z], dim=-1).to(torch.bfloat16).contiguous()
+
+        return self._cached("cpu_int4", self._key(self.qweight, self.scales, self.zeros), build)
+
+    # ------------------------------------------------------------------ math
+    def dequantize_weight(self) -> torch.Tensor:
+        """The dequantized weight ``[out_features, in_features]`` in the module dtype (Triton kernel on CUDA)."""
+        args = (self.qweight, self.scales, self.zeros, self.bits, self.effective_group_size, self.in_features)
+        if _select_backend(self.qweight.device) == "triton":
+            return torch.ops.hf_decoupleq.dequantize(*args)
+        return reference.dequantize(*args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T + bias`` for ``x`` ``[..., in_features]`` (fp16/bf16/fp32, any strides); output in ``x.dtype``.
+
+        Uses the differentiable PyTorch path whenever a gradient is needed (see the class docstring).
+        """
+        if x.shape[-1] != self.in_features:
+            raise DecoupleQConfigError(f"x has last dimension {x.shape[-1]}, expected in_features={self.in_features}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise DecoupleQConfigError(f"x dtype {x.dtype} is not supported; allowed: {_FLOAT_DTYPES}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        g = self.effective_group_size
+        compiling = torch.compiler.is_compiling()
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad
+            or self.scales.requires_grad
+            or self.zeros.requires_grad
+            or (self.bias is not None and self.bias.requires_grad)
+        )
+        if needs_grad:
+            # Under torch.compile the codes are unpacked in the graph: the Python-side cache would break it.
+            codes = unpack(self.qweight, self.bits, self.in_features) if compiling else self._codes()
+            w = reference.dequantize_codes(codes, self.scales, self.zeros, g, dtype=x.dtype)
+            y = x2 @ w.T
+        elif _select_backend(x.device) == "triton":
+            y = torch.ops.hf_decoupleq.matmul(
+                x2, self.qweight, self.scales, self.zeros, self.bits, g, self.in_features
+            )
+        elif compiling:
+            # Pure tensor code that Inductor fuses (unpack + dequantize + matmul); no Python-side caches.
+            w = reference.dequantize(self.qweight, self.scales, self.zeros, self.bits, g, self.in_features, x.dtype)
+            y = x2 @ w.T
+        else:
+            y = self._forward_torch(x2)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def _forward_torch(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.device.type == "cpu" and self._cpu_int4_ok(
+            torch.bfloat16 if torch.bfloat16 in (x2.dtype, self.dtype) else x2.dtype
+        ):
+            packed, scale_zero = self._cpu_int4_operands()
+            xb = x2.to(torch.bfloat16).contiguous()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, self.effective_group_size, scale_zero)
+            return y.to(x2.dtype)
+        w = reference.dequantize_codes(self._codes(), self.scales, self.zeros, self.effective_group_size, x2.dtype)
+        return x2 @ w.T

@@ -1,0 +1,166 @@
+"""Packing of 2/3/4/8-bit decoupleQ codes into int32 words (pure torch, no transformers).
+
+Bit layout (``FORMAT_VERSION = 1``; ``docs/format.md`` is the normative description)
+------------------------------------------------------------------------------------
+A layer ``y = x W^T`` with ``W`` of shape ``[out, in]`` (``N x K``) stores integer codes
+``q[n, k]`` in ``[0, 2**bits - 1]``. Each output column ``n`` owns one *bit stream*: its codes
+``q[n, 0], q[n, 1], ..., q[n, K-1]`` are concatenated least-significant-bit first, code ``k``
+occupying stream bits ``[k * bits, (k + 1) * bits)``. The stream is cut into 32-bit words;
+word ``r`` of column ``n`` is ``qweight[r, n]`` (int32, two's complement of the unsigned word).
+So ``qweight`` is ``[rows, N]``, K-major like GPTQ: the words of one output column are a
+column of ``qweight`` and a row of ``qweight`` (one word index, all outputs) is contiguous.
+
+* bits 2, 4, 8: 16, 8, 4 codes per word, no code crosses a word boundary; this is exactly the
+  GPTQ ``qweight`` layout (code ``k`` in word ``k // (32 // bits)`` at shift ``(k % (32 // bits)) * bits``).
+* bits 3: 32 codes fill 3 words exactly (3.0 bits/weight, no waste). Codes 10 and 21 of each
+  32-code block straddle two words (bits 30-32 and 63-65 of the 96-bit block), which costs a
+  second (cached) word load for those codes in the kernels. The alternative, 10 codes per word
+  with 2 bits unused, avoids that load but stores 3.2 bits/weight (6.7% more bytes to read in
+  a memory-bound decode). We chose density.
+
+``K`` is padded with zero codes to a whole block: 16/32/8/4 codes (1/3/1/1 words) for bits 2/3/4/8,
+so ``rows = ceil(K / codes_per_block) * words_per_block``.
+
+Scales and zeros are ``[ceil(K / g), N]`` in the model dtype, and
+``W[n, k] = scales[k // g, n] * q[n, k] + zeros[k // g, n]`` (the last group may be shorter).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import DecoupleQConfigError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "SUPPORTED_BITS",
+    "codes_per_block",
+    "effective_group_size",
+    "num_groups",
+    "pack",
+    "packed_rows",
+    "unpack",
+    "words_per_block",
+]
+
+FORMAT_VERSION = 1
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32)
+_WORD_MASK = 0xFFFFFFFF
+
+
+def _check_bits(bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise DecoupleQConfigError(f"bits={bits!r} is not supported; allowed: {SUPPORTED_BITS}")
+
+
+def codes_per_block(bits: int) -> int:
+    """Smallest number of codes that fills a whole number of 32-bit words (16/32/8/4 for bits 2/3/4/8)."""
+    _check_bits(bits)
+    return math.lcm(32, bits) // bits
+
+
+def words_per_block(bits: int) -> int:
+    """Number of int32 words holding :func:`codes_per_block` codes (3 for 3 bits, 1 otherwise)."""
+    _check_bits(bits)
+    return math.lcm(32, bits) // 32
+
+
+def packed_rows(in_features: int, bits: int) -> int:
+    """Number of rows of ``qweight`` (int32 words along the input dimension) for ``in_features`` codes."""
+    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+        raise DecoupleQConfigError(f"in_features={in_features!r} must be a positive int")
+    return -(-in_features // codes_per_block(bits)) * words_per_block(bits)
+
+
+def effective_group_size(in_features: int, group_size: int) -> int:
+    """Group size in columns: ``in_features`` for per-channel (``-1``) or any ``group_size >= in_features``."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size < 1 and group_size != -1):
+        raise DecoupleQConfigError(f"group_size={group_size!r} must be -1 (per-channel) or a positive int")
+    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+        raise DecoupleQConfigError(f"in_features={in_features!r} must be a positive int")
+    return in_features if group_size == -1 or group_size >= in_features else group_size
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    """``ceil(in_features / g)`` with ``g`` the effective group size (rows of ``scales``/``zeros``)."""
+    return -(-in_features // effective_group_size(in_features, group_size))
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes ``[out, in]`` into ``qweight`` int32 ``[packed_rows(in, bits), out]``.
+
+    Args:
+        codes: integer tensor (any integer dtype) of shape ``[out, in]`` with values in ``[0, 2**bits - 1]``.
+        bits: one of 2, 3, 4, 8.
+
+    Returns:
+        int32 tensor on the same device, laid out as described in this module's docstring.
+
+    Raises:
+        DecoupleQConfigError: unsupported ``bits``, non-integer dtype, not 2-D / empty, or codes out of range.
+    """
+    _check_bits(bits)
+    if not isinstance(codes, torch.Tensor):
+        raise DecoupleQConfigError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
+    if codes.dtype not in _INTEGER_DTYPES:
+        raise DecoupleQConfigError(f"codes dtype {codes.dtype} is not an integer dtype; allowed: {_INTEGER_DTYPES}")
+    if codes.dim() != 2 or codes.shape[0] < 1 or codes.shape[1] < 1:
+        raise DecoupleQConfigError(f"codes must be a non-empty 2-D [out, in] tensor, got shape {tuple(codes.shape)}")
+    c = codes.to(torch.int64)
+    lo, hi = int(c.min()), int(c.max())
+    if lo < 0 or hi > (1 << bits) - 1:
+        raise DecoupleQConfigError(f"codes range [{lo}, {hi}] is outside [0, {(1 << bits) - 1}] for bits={bits}")
+    n_out, k = c.shape
+    cpb, wpb = codes_per_block(bits), words_per_block(bits)
+    n_blocks = -(-k // cpb)
+    # Work K-major in int64 so shifts never overflow; zero-pad K to whole blocks.
+    stream = torch.zeros(n_blocks * cpb, n_out, dtype=torch.int64, device=c.device)
+    stream[:k] = c.T
+    stream = stream.view(n_blocks, cpb, n_out)
+    words = torch.zeros(n_blocks, wpb, n_out, dtype=torch.int64, device=c.device)
+    for j in range(cpb):
+        pos = j * bits
+        w, sh = divmod(pos, 32)
+        words[:, w] |= (stream[:, j] << sh) & _WORD_MASK
+        if sh + bits > 32:  # straddling code (3 bits only): the high part goes to the next word
+            words[:, w + 1] |= stream[:, j] >> (32 - sh)
+    words = words.view(n_blocks * wpb, n_out)
+    # Reinterpret the unsigned 32-bit values as two's complement int32.
+    words = torch.where(words >= (1 << 31), words - (1 << 32), words)
+    return words.to(torch.int32).contiguous()
+
+
+def unpack(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``qweight`` int32 ``[rows, out]`` -> codes uint8 ``[out, in_features]``.
+
+    Raises:
+        DecoupleQConfigError: unsupported ``bits``, ``qweight`` not int32 2-D, or a row count that does not
+            match ``packed_rows(in_features, bits)``.
+    """
+    _check_bits(bits)
+    rows = packed_rows(in_features, bits)
+    if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int32:
+        got = qweight.dtype if isinstance(qweight, torch.Tensor) else type(qweight).__name__
+        raise DecoupleQConfigError(f"qweight must be an int32 tensor, got {got}")
+    if qweight.dim() != 2 or qweight.shape[0] != rows or qweight.shape[1] < 1:
+        raise DecoupleQConfigError(
+            f"qweight shape {tuple(qweight.shape)} does not match in_features={in_features}, bits={bits}: "
+            f"expected [{rows}, out]"
+        )
+    cpb, wpb = codes_per_block(bits), words_per_block(bits)
+    n_out = qweight.shape[1]
+    words = (qweight.to(torch.int64) & _WORD_MASK).view(rows // wpb, wpb, n_out)
+    mask = (1 << bits) - 1
+    out = torch.empty(rows // wpb, cpb, n_out, dtype=torch.int64, device=qweight.device)
+    for j in range(cpb):
+        pos = j * bits
+        w, sh = divmod(pos, 32)
+        val = words[:, w] >> sh
+        if sh + bits > 32:
+            val = val | (words[:, w + 1] << (32 - sh))
+        out[:, j] = val & mask
+    return out.view(-1, n_out)[:in_features].T.to(torch.uint8).contiguous()

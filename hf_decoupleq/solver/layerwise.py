@@ -1,0 +1,386 @@
+"""The layer-wise stage of decoupleQ (Eq. 6) and its RTN / GPTQ baselines: :func:`solve_layer`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import DecoupleQConfigError, DecoupleQNumericalError
+from .quant import (
+    clip_search,
+    dequantize,
+    effective_group_size,
+    expand_groups,
+    group_sum,
+    max_code,
+    minmax_params,
+    num_groups,
+    row_losses,
+    rtn_codes,
+    sanitize_scales,
+    validate_bits,
+)
+from .rounding import DEFAULT_BLOCK_SIZE, gptq_round, prepare_gptq
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("rtn", "gptq", "decoupleq")
+# Diagonal regularizers tried, relative to each diagonal entry, when a (s, z) system is singular.
+_RIDGES = (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantResult:
+    """A quantized ``[out, in]`` weight: ``W_hat[i, k] = scales[i, k // g] * codes[i, k] + zeros[i, k // g]``.
+
+    Attributes:
+        codes: ``torch.uint8 [out, in]``, values in ``[0, 2**bits - 1]``.
+        scales: ``float32 [out, G]`` with ``G = ceil(in / group_size)``.
+        zeros: ``float32 [out, G]``.
+        loss: ``float64 [out]`` proxy loss ``(w - w_hat) H (w - w_hat)^T`` per row, undamped ``H``.
+        bits: code width.
+        group_size: effective group size in columns (``in`` when per-channel).
+        stats: solver diagnostics (method, rounds run, dampening used, time, total loss per stage).
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    loss: torch.Tensor
+    bits: int
+    group_size: int
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(out_features, in_features)``."""
+        return tuple(self.codes.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """``W_hat`` as ``float32 [out, in]``."""
+        return dequantize(self.codes, self.scales.float(), self.zeros.float(), self.group_size)
+
+
+def _solve_spd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve the batch of PSD systems ``a x = b`` (``[N, m, m]``, ``[N, m]``, float64).
+
+    Rows whose system is singular get a diagonal regularizer relative to their diagonal, escalated until the
+    Cholesky factorization succeeds; the very last resort is a pseudo-inverse.
+    """
+    n, m, _ = a.shape
+    x = torch.zeros_like(b)
+    todo = torch.arange(n, device=a.device)
+    diag = a.diagonal(dim1=-2, dim2=-1)
+    # Scale-aware ridge: relative to each diagonal entry plus a little of the row's mean diagonal, so that
+    # an all-zero row/column (unidentifiable variable) is also lifted.
+    ridge_base = diag + 1e-6 * diag.mean(-1, keepdim=True).clamp_min(1e-300)
+    eye = torch.eye(m, dtype=a.dtype, device=a.device)
+    for rel in _RIDGES:
+        if todo.numel() == 0:
+            break
+        sub = a[todo]
+        if rel:
+            sub = sub + rel * ridge_base[todo].unsqueeze(-1) * eye
+        chol, info = torch.linalg.cholesky_ex(sub)
+        sol = torch.cholesky_solve(b[todo].unsqueeze(-1), chol).squeeze(-1)
+        ok = (info == 0) & torch.isfinite(sol).all(-1)
+        x[todo[ok]] = sol[ok]
+        todo = todo[~ok]
+    if todo.numel():
+        x[todo] = (torch.linalg.pinv(a[todo], hermitian=True) @ b[todo].unsqueeze(-1)).squeeze(-1)
+    return x
+
+
+def _normal_equations(
+    err: torch.Tensor, qs: torch.Tensor, h: torch.Tensor, group_size: int, with_zero: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Assemble ``A delta = r`` for the update of ``theta = [s_1..s_G, (z_1..z_G)]`` from the current point.
+
+    ``W_hat = s * qs + z`` groupwise; ``err = W - W_hat`` at the current point. Built from ``g x g`` blocks of
+    ``H``: one ``[N, g] x [g, K]`` product per group, never an ``N x G x K`` tensor.
+    """
+    n, k = qs.shape
+    g = group_size
+    ng = num_groups(k, g)
+    p11 = torch.empty(n, ng, ng, dtype=torch.float64, device=qs.device)
+    p12 = torch.empty_like(p11) if with_zero else None
+    for a in range(ng):
+        cols = slice(a * g, min((a + 1) * g, k))
+        t = qs[:, cols] @ h[cols, :]  # row i: q_ia^T H_{a, :}
+        p11[:, a, :] = group_sum(t * qs, g)
+        if with_zero:
+            p12[:, a, :] = group_sum(t, g)
+    he = err @ h  # H is symmetric, so row i is (H e_i)^T
+    r_s = group_sum(he * qs, g).to(torch.float64)
+    if not with_zero:
+        return p11, r_s
+    p22 = group_sum(group_sum(h, g).T.contiguous(), g).to(torch.float64)
+    top = torch.cat([p11, p12], dim=2)
+    bottom = torch.cat([p12.transpose(1, 2), p22.expand(n, ng, ng)], dim=2)
+    a_mat = torch.cat([top, bottom], dim=1)
+    r = torch.cat([r_s, group_sum(he, g).to(torch.float64)], dim=1)
+    return a_mat, r
+
+
+def _fit(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    qs: torch.Tensor,
+    s0: torch.Tensor,
+    z0: torch.Tensor | None,
+    group_size: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Exact minimizer of ``sum_i (w_i - w_hat_i) H (..)^T`` over ``s`` (and ``z`` if ``z0`` is given), codes fixed.
+
+    Solved as an update from ``(s0, z0)``: assembling the system in float32 then only perturbs the (small) step,
+    not the whole solution, which keeps float32 accurate enough on ill-conditioned ``H``.
+    """
+    k = w.shape[1]
+    g = group_size
+    ng = s0.shape[1]
+    w_hat = qs * expand_groups(s0, g, k)
+    if z0 is not None:
+        w_hat = w_hat + expand_groups(z0, g, k)
+    a_mat, r = _normal_equations(w - w_hat, qs, h, g, z0 is not None)
+    # Unidentifiable scales: with a free zero, a group whose codes are all equal (s and z collinear); without
+    # one, a group whose shifted codes are all 0. Keep their scale where it is and solve for the rest.
+    if z0 is not None:
+        deg = _group_const(qs, g)
+    else:
+        deg = _group_const(qs, g) & (group_sum(qs.abs(), g) == 0)
+    a_mat = 0.5 * (a_mat + a_mat.transpose(1, 2))
+    if deg.any():
+        idx = deg.nonzero(as_tuple=True)
+        a_mat[idx[0], idx[1], :] = 0.0
+        a_mat[idx[0], :, idx[1]] = 0.0
+        a_mat[idx[0], idx[1], idx[1]] = 1.0
+        r[idx[0], idx[1]] = 0.0
+    delta = _solve_spd(a_mat, r).to(w.dtype)
+    s = s0 + delta[:, :ng]
+    z = None if z0 is None else z0 + delta[:, ng:]
+    return s, z
+
+
+def _group_const(x: torch.Tensor, g: int) -> torch.Tensor:
+    """``[N, G]`` bool: all entries of the group are equal."""
+    k = x.shape[1]
+    first = expand_groups(x[:, ::g], g, k)
+    return group_sum((x != first).to(x.dtype), g) == 0
+
+
+def scale_zero_step(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    codes: torch.Tensor,
+    group_size: int,
+    bits: int,
+    scales: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+    symmetric: bool = False,
+    integer_zero: bool = False,
+    compute_dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (s, z)-step of method.md step 3a: with the codes fixed, the per-row least-squares floats.
+
+    For every row ``i`` this minimizes ``(w_i - w_hat_i) H (w_i - w_hat_i)^T`` with
+    ``w_hat = s * q + z`` groupwise, by solving the batched ``2G x 2G`` normal equations
+    ``[[P11, P12], [P12^T, P22]] theta_i = r_i`` in float64 (``G x G`` in ``s`` alone when ``symmetric``).
+    With ``integer_zero`` the free solution's zero is projected onto ``z = -s z_int`` (``z_int`` an integer code)
+    and the scale re-solved with that ``z_int`` fixed.
+
+    Args:
+        weight: ``[N, K]``.
+        H: ``[K, K]`` (symmetric PSD).
+        codes: ``[N, K]`` integer codes (any dtype).
+        group_size: effective group size (``K`` for per-channel).
+        bits: code width.
+        scales, zeros: the current point ``[N, G]`` (only a starting point: the result does not depend on it
+            except where a scale is unidentifiable, in which case it is kept). Default 0.
+        symmetric: zero fixed at ``-s * 2**(bits-1)``; solve for ``s`` only.
+        integer_zero: zeros constrained to ``-s * z_int``, ``z_int`` in ``[0, 2**bits - 1]``.
+        compute_dtype: dtype of the big products (the small systems are always float64).
+
+    Returns:
+        ``(scales, zeros)`` ``[N, G]`` in ``compute_dtype``.
+    """
+    k = weight.shape[1]
+    g = group_size
+    ng = num_groups(k, g)
+    w = weight.to(compute_dtype)
+    h = H.to(device=w.device, dtype=compute_dtype)
+    q = codes.to(device=w.device, dtype=compute_dtype)
+    s0 = torch.zeros(w.shape[0], ng, dtype=compute_dtype, device=w.device) if scales is None else scales.to(w)
+    z0 = torch.zeros_like(s0) if zeros is None else zeros.to(w)
+    maxq = max_code(bits)
+    if symmetric:
+        mid = float(1 << (bits - 1))
+        s, _ = _fit(w, h, q - mid, s0, None, g)
+        s = sanitize_scales(s, w)
+        return s, -s * mid
+    s, z = _fit(w, h, q, s0, z0, g)
+    s = sanitize_scales(s, w)
+    if not integer_zero:
+        return s, z
+    zint = torch.round(-z / s).clamp_(0, maxq)
+    s, _ = _fit(w, h, q - expand_groups(zint, g, k), s, None, g)
+    s = sanitize_scales(s, w)
+    return s, -s * zint
+
+
+def _validate(weight, H, bits, group_size, method, rounds, damp, compute_dtype, block_size, name):
+    label = f"layer {name!r}: " if name else ""
+    validate_bits(bits)
+    if method not in METHODS:
+        raise DecoupleQConfigError(f"{label}method={method!r} is not supported; allowed: {METHODS}")
+    if not torch.is_tensor(weight) or weight.dim() != 2 or not weight.is_floating_point():
+        raise DecoupleQConfigError(f"{label}weight must be a 2-D float tensor [out, in], got {_describe(weight)}")
+    k = weight.shape[1]
+    if weight.shape[0] == 0 or k == 0:
+        raise DecoupleQConfigError(f"{label}weight has an empty shape {tuple(weight.shape)}")
+    if not torch.is_tensor(H) or tuple(H.shape) != (k, k) or not H.is_floating_point():
+        raise DecoupleQConfigError(
+            f"{label}H must be a float tensor of shape ({k}, {k}) to match weight {tuple(weight.shape)}, "
+            f"got {_describe(H)}"
+        )
+    effective_group_size(group_size, k)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise DecoupleQConfigError(f"{label}rounds={rounds!r} must be an int >= 0")
+    if not isinstance(damp, (int, float)) or isinstance(damp, bool) or not math.isfinite(damp) or damp <= 0:
+        raise DecoupleQConfigError(f"{label}damp={damp!r} must be a positive finite float")
+    if compute_dtype not in (torch.float32, torch.float64):
+        raise DecoupleQConfigError(f"{label}compute_dtype={compute_dtype} must be torch.float32 or torch.float64")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise DecoupleQConfigError(f"{label}block_size={block_size!r} must be a positive int")
+    if not torch.isfinite(weight).all():
+        raise DecoupleQNumericalError(f"{label}weight {tuple(weight.shape)} contains NaN or Inf")
+    if not torch.isfinite(H).all():
+        raise DecoupleQNumericalError(f"{label}Hessian {tuple(H.shape)} contains NaN or Inf")
+
+
+def _describe(x) -> str:
+    if torch.is_tensor(x):
+        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def solve_layer(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    bits: int = 2,
+    group_size: int = 64,
+    method: str = "decoupleq",
+    rounds: int = 3,
+    act_order: bool = True,
+    damp: float = 0.01,
+    symmetric: bool = False,
+    integer_zero: bool = False,
+    name: str | None = None,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    grid_steps: tuple[int, ...] = (16, 4, 1),
+    early_stop_frac: float = 0.01,
+    compute_dtype: torch.dtype = torch.float32,
+) -> QuantResult:
+    """Quantize one linear layer's weight against its input Hessian (method.md, layer-wise stage).
+
+    Args:
+        weight: ``[out, in]`` float weight (any float dtype, any device; the work happens on its device).
+        H: ``[in, in]`` Hessian ``X X^T / n`` (float64 from :class:`HessianAccumulator`, float32 accepted).
+        bits: 2, 3, 4 or 8.
+        group_size: columns per (scale, zero) group; ``-1`` for per-channel. Need not divide ``in``.
+        method: ``"rtn"`` (min-max, round to nearest), ``"gptq"`` (min-max, GPTQ rounding) or ``"decoupleq"``
+            (Eq. 12 clipping search, GPTQ/RTN first rounding, then ``rounds`` alternations of the (s, z)-step and
+            GPTQ re-rounding, keep-best per row).
+        rounds: number of alternations for ``"decoupleq"``.
+        act_order: GPTQ visits columns in descending ``diag H``.
+        damp: dampening ``H + damp * mean(diag H) * I`` for GPTQ, escalated tenfold if Cholesky fails.
+        symmetric: ``w_hat = s (q - 2**(bits-1))``.
+        integer_zero: zeros restricted to ``-s * z_int`` with an integer ``z_int`` in the code range.
+        name: layer name for messages.
+        block_size: GPTQ lazy-update block width.
+        grid_steps: coarse-to-fine strides of the clipping grid search (``(1,)`` = all 161 points).
+        early_stop_frac: stop the alternation when fewer than this fraction of rows improved in a round.
+        compute_dtype: dtype of the big products (float32 is fast and enough; small systems are float64).
+
+    Returns:
+        A :class:`QuantResult`; ``loss`` is evaluated in float64 with the undamped ``H``.
+
+    Raises:
+        DecoupleQConfigError: an argument is not allowed.
+        DecoupleQNumericalError: NaN/Inf in ``weight`` or ``H``, or ``H`` stays singular after dampening.
+    """
+    t0 = time.perf_counter()
+    _validate(weight, H, bits, group_size, method, rounds, damp, compute_dtype, block_size, name)
+    n, k = weight.shape
+    g = effective_group_size(group_size, k)
+    cd = compute_dtype
+    w = weight.detach().to(cd)
+    h64 = H.detach().to(device=w.device, dtype=torch.float64)
+    h = h64.to(cd)
+    stats: dict[str, Any] = {"method": method, "rounds_run": 0, "damp": None}
+    history: list[float] = []
+
+    def losses_of(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        loss = row_losses(w - dequantize(codes, s, z, g), h)
+        # A non-finite candidate must never win a keep-best comparison.
+        return torch.nan_to_num(loss, nan=math.inf)
+
+    if method == "decoupleq":
+        s, z, grid_j = clip_search(w, h, bits, g, symmetric, integer_zero, steps=grid_steps)
+        stats["clip_p_mean"] = float((1.0 - grid_j.double() / 200.0).mean())
+    else:
+        s, z = minmax_params(w, bits, g, 1.0, symmetric, integer_zero)
+    codes = rtn_codes(w, s, z, bits, g)
+    if method != "rtn":
+        factor = prepare_gptq(h64, damp, act_order, name, cd)
+        stats["damp"] = factor.damp
+        codes_g = gptq_round(w, s, z, bits, g, factor, block_size)
+        if method == "decoupleq":
+            loss = losses_of(codes, s, z)
+            history.append(float(loss.sum()))
+            loss_g = losses_of(codes_g, s, z)
+            take = loss_g < loss
+            stats["rows_gptq_first"] = float(take.float().mean())
+            codes = torch.where(take[:, None], codes_g, codes)
+            loss = torch.minimum(loss, loss_g)
+            history.append(float(loss.sum()))
+            for _ in range(rounds):
+                start = loss
+                s_new, z_new = scale_zero_step(w, h, codes, g, bits, s, z, symmetric, integer_zero, cd)
+                loss_sz = losses_of(codes, s_new, z_new)
+                take = loss_sz < loss
+                s = torch.where(take[:, None], s_new, s)
+                z = torch.where(take[:, None], z_new, z)
+                loss = torch.where(take, loss_sz, loss)
+                codes_g = gptq_round(w, s, z, bits, g, factor, block_size)
+                loss_q = losses_of(codes_g, s, z)
+                take = loss_q < loss
+                codes = torch.where(take[:, None], codes_g, codes)
+                loss = torch.where(take, loss_q, loss)
+                history.append(float(loss.sum()))
+                stats["rounds_run"] += 1
+                improved = (start - loss) > 1e-6 * start.abs()
+                if float(improved.float().mean()) < early_stop_frac:
+                    break
+        else:
+            codes = codes_g
+    scales = s.float()
+    zeros = z.float()
+    if not (torch.isfinite(scales).all() and torch.isfinite(zeros).all()):
+        raise DecoupleQNumericalError(f"layer {name!r}: non-finite scales/zeros for weight {tuple(weight.shape)}")
+    codes_u8 = codes.round().clamp_(0, max_code(bits)).to(torch.uint8)
+    # The loss of exactly what QuantResult.dequantize() returns (float32 W_hat), accumulated in float64.
+    w_hat = dequantize(codes_u8, scales, zeros, g).double()
+    final = row_losses(weight.detach().to(torch.float64) - w_hat, h64)
+    stats["loss_per_round"] = history
+    stats["time_s"] = time.perf_counter() - t0
+    logger.debug(
+        "layer %s %s: W%d g%d %s mean proxy loss %.4g (%.2fs)",
+        name, tuple(weight.shape), bits, g, method, float(final.mean()), stats["time_s"],
+    )  # fmt: skip
+    return QuantResult(codes=codes_u8, scales=scales, zeros=zeros, loss=final, bits=bits, group_size=g, stats=stats)

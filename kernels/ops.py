@@ -1,0 +1,63 @@
+"""PyTorch custom ops (namespace ``hf_decoupleq``) wrapping the Triton kernels.
+
+Registered with ``torch.library.custom_op`` and fake (meta) implementations, so ``torch.compile(..., fullgraph=True)``
+traces through a module that calls them without graph breaks: the compiled graph calls the op, and the op launches
+the autotuned kernels. Triton is imported only when an op actually runs.
+
+* ``torch.ops.hf_decoupleq.matmul(x, qweight, scales, zeros, bits, group_size, in_features)``: ``x @ W^T`` for a
+  2-D ``x``; the split-K decode kernel for ``M <= 16`` rows, the tiled prefill kernel otherwise.
+* ``torch.ops.hf_decoupleq.dequantize(qweight, scales, zeros, bits, group_size, in_features)``: ``W`` ``[N, K]`` in
+  the scales' dtype.
+
+These ops are not differentiable; ``DecoupleQLinear`` takes its PyTorch path when a gradient is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import check_input, check_packed
+
+__all__ = ["dequantize", "matmul"]
+
+
+@torch.library.custom_op("hf_decoupleq::matmul", mutates_args=())
+def matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """Fused dequantize-matmul ``x @ W^T`` (``x`` ``[M, K]``) in ``x.dtype`` with the Triton kernels."""
+    from .gemm import gemm
+    from .gemv import MAX_DECODE_M, gemv
+
+    if 1 <= x.shape[0] <= MAX_DECODE_M:
+        return gemv(x, qweight, scales, zeros, bits, group_size, in_features)
+    return gemm(x, qweight, scales, zeros, bits, group_size, in_features)
+
+
+@matmul.register_fake
+def _matmul_fake(x, qweight, scales, zeros, bits, group_size, in_features):
+    n_out, _ = check_packed(qweight, scales, zeros, bits, group_size, in_features)
+    check_input(x, in_features, qweight.device)
+    return x.new_empty((x.shape[0], n_out))
+
+
+@torch.library.custom_op("hf_decoupleq::dequantize", mutates_args=())
+def dequantize(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int, in_features: int
+) -> torch.Tensor:
+    """Dequantized weight ``[N, K]`` in ``scales.dtype`` with the Triton dequantize kernel."""
+    from .dequant import dequantize as _dequantize
+
+    return _dequantize(qweight, scales, zeros, bits, group_size, in_features)
+
+
+@dequantize.register_fake
+def _dequantize_fake(qweight, scales, zeros, bits, group_size, in_features):
+    n_out, _ = check_packed(qweight, scales, zeros, bits, group_size, in_features)
+    return scales.new_empty((n_out, in_features))
