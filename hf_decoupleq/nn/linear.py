@@ -25,6 +25,10 @@ BACKEND_ENV = "HF_DECOUPLEQ_BACKEND"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Group sizes accepted by PyTorch's fused CPU int4 kernel (aten._weight_int4pack_mm_for_cpu).
 _CPU_INT4_GROUPS = (32, 64, 128, 256)
+# The generic PyTorch path uses the grouped formula up to this many rows, one dequantized temporary above.
+_GROUPED_MAX_M = 16
+# Codes converted to float per chunk of output columns (~1 MiB of fp32: stays in L2).
+_CHUNK_ELEMS = 1 << 18
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -84,8 +88,10 @@ class DecoupleQLinear(nn.Module):
         - PyTorch (everywhere else, or ``HF_DECOUPLEQ_BACKEND=torch``). On the CPU, for bits <= 4, group size
           32/64/128/256 dividing ``in_features``, ``out_features % 16 == 0`` and bfloat16 (``x`` or the module),
           it calls PyTorch's fused int4 CPU kernel on a cached 4-bit repacking of the codes (0.5 byte/weight,
-          computed in bfloat16). Otherwise it dequantizes into a temporary weight per call from a cached copy of
-          the unpacked uint8 codes (1 byte/weight). No full-precision copy of the weight is ever kept. Caches are
+          computed in bfloat16). Otherwise it works from a cached copy of the unpacked uint8 codes (1 byte/weight):
+          for up to 16 rows with ``x W^T = sum_g s_g (x_g . q_g) + z_g sum(x_g)`` (batched matmuls over groups on
+          cache-sized chunks of columns), for more rows through one dequantized temporary weight and a GEMM.
+          No full-precision copy of the weight is ever kept. Caches are
           rebuilt when ``qweight``/``scales``/``zeros`` change (tracked by tensor version), not saved.
         - Gradients: whenever grad mode is on and ``x``, ``scales``, ``zeros`` or ``bias`` require grad, forward
           takes a differentiable PyTorch path (the custom ops have no autograd formula).
@@ -199,11 +205,20 @@ class DecoupleQLinear(nn.Module):
             self._cache[name] = entry
         return entry[1]
 
+    def _codes_by_group(self) -> torch.Tensor:
+        """Unpacked uint8 codes as ``[G, g, out]`` (K zero-padded to ``G * g``); cached, 1 byte/weight."""
+
+        def build():
+            n_groups, g = num_groups(self.in_features, self.group_size), self.effective_group_size
+            codes = torch.zeros(n_groups * g, self.out_features, dtype=torch.uint8, device=self.qweight.device)
+            codes[: self.in_features] = unpack(self.qweight, self.bits, self.in_features).T
+            return codes.view(n_groups, g, self.out_features)
+
+        return self._cached("codes", self._key(self.qweight), build)
+
     def _codes(self) -> torch.Tensor:
-        """Unpacked uint8 codes ``[out, in]`` (cached, 1 byte/weight)."""
-        return self._cached(
-            "codes", self._key(self.qweight), lambda: unpack(self.qweight, self.bits, self.in_features)
-        )
+        """Unpacked uint8 codes ``[out, in]`` (a view of the cached grouped codes)."""
+        return self._codes_by_group().view(-1, self.out_features)[: self.in_features].T
 
     def _cpu_int4_ok(self, compute_dtype: torch.dtype) -> bool:
         return (
@@ -285,5 +300,29 @@ class DecoupleQLinear(nn.Module):
             xb = x2.to(torch.bfloat16).contiguous()
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, self.effective_group_size, scale_zero)
             return y.to(x2.dtype)
-        w = reference.dequantize_codes(self._codes(), self.scales, self.zeros, self.effective_group_size, x2.dtype)
-        return x2 @ w.T
+        if x2.shape[0] > _GROUPED_MAX_M:
+            # Many rows: one dequantized temporary weight and a single GEMM (compute-bound anyway).
+            w = reference.dequantize_codes(self._codes(), self.scales, self.zeros, self.effective_group_size, x2.dtype)
+            return x2 @ w.T
+        return self._grouped_matmul(x2)
+
+    def _grouped_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """``x W^T = sum_g s_g * (x_g . q_g) + z_g * sum(x_g)`` for few rows, without a full-size temporary.
+
+        Per group the codes enter a batched matmul unscaled; the zero term needs only the group sums of ``x``.
+        Output columns go in chunks so that each chunk's float copy of the codes stays in cache.
+        """
+        codes = self._codes_by_group()  # [G, g, N]
+        n_groups, g, n_out = codes.shape
+        m, dtype = x2.shape[0], x2.dtype
+        if n_groups * g != self.in_features:
+            x2 = torch.nn.functional.pad(x2, (0, n_groups * g - self.in_features))
+        xg = x2.reshape(m, n_groups, g).transpose(0, 1)  # [G, M, g]
+        scales, zeros = self.scales.to(dtype), self.zeros.to(dtype)
+        y = xg.sum(-1).T @ zeros  # [M, N]: the zero term
+        chunk = max(16, (_CHUNK_ELEMS // (n_groups * g)) // 16 * 16)
+        for n0 in range(0, n_out, chunk):
+            n1 = min(n_out, n0 + chunk)
+            partial = torch.bmm(xg, codes[:, :, n0:n1].to(dtype))  # [G, M, nc] = x_g . q_g
+            y[:, n0:n1] += torch.einsum("gmn,gn->mn", partial, scales[:, n0:n1])
+        return y

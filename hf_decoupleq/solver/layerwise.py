@@ -102,24 +102,28 @@ def _normal_equations(
     """Assemble ``A delta = r`` for the update of ``theta = [s_1..s_G, (z_1..z_G)]`` from the current point.
 
     ``W_hat = s * qs + z`` groupwise; ``err = W - W_hat`` at the current point. Built from ``g x g`` blocks of
-    ``H``: one ``[N, g] x [g, K]`` product per group, never an ``N x G x K`` tensor.
+    ``H`` with one ``[N, g] x [g, K - a g]`` product per group ``a`` (only the blocks ``b >= a``: ``P11`` is
+    symmetric), never an ``N x G x K`` tensor.
     """
     n, k = qs.shape
     g = group_size
     ng = num_groups(k, g)
-    p11 = torch.empty(n, ng, ng, dtype=torch.float64, device=qs.device)
+    p11 = torch.zeros(n, ng, ng, dtype=torch.float64, device=qs.device)
     p12 = torch.empty_like(p11) if with_zero else None
+    h_ones = group_sum(h, g).T.contiguous() if with_zero else None  # [G, K]: row b is 1^T H_{b, :}
     for a in range(ng):
-        cols = slice(a * g, min((a + 1) * g, k))
-        t = qs[:, cols] @ h[cols, :]  # row i: q_ia^T H_{a, :}
-        p11[:, a, :] = group_sum(t * qs, g)
+        lo, hi = a * g, min((a + 1) * g, k)
+        q_a = qs[:, lo:hi]
+        t = q_a @ h[lo:hi, lo:]  # row i: q_ia^T H_{a, b} for the groups b >= a
+        p11[:, a, a:] = group_sum(t * qs[:, lo:], g)
         if with_zero:
-            p12[:, a, :] = group_sum(t, g)
+            p12[:, a, :] = q_a @ h_ones[:, lo:hi].T  # q_ia^T H_{a, b} 1 for every b
+    p11 = p11 + p11.triu(1).transpose(1, 2)
     he = err @ h  # H is symmetric, so row i is (H e_i)^T
     r_s = group_sum(he * qs, g).to(torch.float64)
     if not with_zero:
         return p11, r_s
-    p22 = group_sum(group_sum(h, g).T.contiguous(), g).to(torch.float64)
+    p22 = group_sum(h_ones, g).to(torch.float64)
     top = torch.cat([p11, p12], dim=2)
     bottom = torch.cat([p12.transpose(1, 2), p22.expand(n, ng, ng)], dim=2)
     a_mat = torch.cat([top, bottom], dim=1)

@@ -116,10 +116,13 @@ def minmax_params(
     Returns:
         ``(scales, zeros)``, each ``[N, G]`` in ``w``'s dtype.
     """
-    maxq = max_code(bits)
-    p = shrink if not torch.is_tensor(shrink) else shrink.to(w.dtype).reshape(-1, 1)
     wmin, wmax = _group_minmax(w, group_size)
-    tiny = _tiny_scale(w)
+    return _range_params(wmin, wmax, _tiny_scale(w), bits, shrink, symmetric, integer_zero)
+
+
+def _range_params(wmin, wmax, tiny, bits, shrink, symmetric, integer_zero):
+    maxq = max_code(bits)
+    p = shrink if not torch.is_tensor(shrink) else shrink.to(wmin.dtype).reshape(-1, 1)
     if symmetric:
         amax = torch.maximum(wmin.abs(), wmax.abs())
         scales = torch.maximum(p * 2.0 * amax / maxq, tiny)
@@ -168,11 +171,14 @@ def clip_search(
     symmetric: bool = False,
     integer_zero: bool = False,
     steps: tuple[int, ...] = (16, 4, 1),
+    eval_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eq. 12: per row, the shrink ``p = 1 - j/200`` (``j = 0..160``) with the smallest H-weighted RTN loss.
 
     The grid is searched coarse to fine: every ``steps[0]``-th point first, then, around each row's best so far,
     the points ``steps[1]`` apart, and so on down to ``steps[-1]``. ``steps=(1,)`` is the exhaustive search.
+    ``eval_dtype`` (e.g. ``torch.bfloat16``) runs the ``err @ H`` products of the search in that dtype: the search
+    only ranks candidates, and the solver's later steps do not depend on its last digits.
 
     Returns:
         ``(scales, zeros, j)``: the chosen parameters ``[N, G]`` and the grid index ``j`` per row ``[N]``.
@@ -182,11 +188,22 @@ def clip_search(
     best_loss = torch.full((n,), math.inf, dtype=w.dtype, device=w.device)
     best_j = torch.zeros(n, dtype=torch.long, device=w.device)
 
+    wmin, wmax = _group_minmax(w, group_size)
+    tiny = _tiny_scale(w)
+    k = w.shape[1]
+    maxq = max_code(bits)
+    h_eval = h.to(eval_dtype) if eval_dtype is not None else h
+
     def evaluate(j: torch.Tensor) -> None:
         p = 1.0 - j.to(w.dtype) * GRID_STEP
-        s, z = minmax_params(w, bits, group_size, p, symmetric, integer_zero)
-        err = w - dequantize(rtn_codes(w, s, z, bits, group_size), s, z, group_size)
-        loss = row_losses(err, h)
+        s, z = _range_params(wmin, wmax, tiny, bits, p, symmetric, integer_zero)
+        s = expand_groups(s, group_size, k)
+        z = expand_groups(z, group_size, k)
+        err = w - torch.addcmul(z, torch.round((w - z) / s).clamp_(0, maxq), s)
+        if eval_dtype is not None:
+            loss = ((err.to(eval_dtype) @ h_eval).to(w.dtype) * err).sum(dim=1)
+        else:
+            loss = row_losses(err, h)
         better = loss < best_loss
         best_loss.copy_(torch.where(better, loss, best_loss))
         best_j.copy_(torch.where(better, j, best_j))

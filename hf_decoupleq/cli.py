@@ -1,0 +1,457 @@
+"""The ``decoupleq`` command line: quantize a model, then evaluate or sample from the result.
+
+::
+
+    decoupleq quantize MODEL --bits 2 --group-size 64 --dataset wikitext2|PATH|self --output DIR [--push-to-hub REPO]
+    decoupleq eval DIR --dataset PATH [--seq-len 2048] [--max-windows 40]
+    decoupleq generate DIR --prompt "..." [--max-new-tokens 50]
+
+``MODEL`` is a Hub id, a local checkpoint folder, or a ``.gguf`` file. Every field of `DecoupleQConfig` has a flag
+(built from its signature, so a new field gets one without touching this file). This module is the only place that
+parses arguments and configures logging; the library below only ever sees a `DecoupleQConfig`.
+
+Exit codes: 0 on success, 2 for usage errors (bad flags or config values, missing files, an existing output folder
+without ``--overwrite``, unusable data), 1 for any other failure. Errors are one line on stderr
+(``decoupleq: error: ...``); ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+PROG = "decoupleq"
+# Config fields the library writes itself; they describe a result, so a user never sets them.
+NOT_FLAGS = {
+    "format_version": "written by the library: the packed format this version produces",
+    "quantization_stats": "written by the library after quantizing",
+}
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# Files that mark a folder as holding a saved model (refused as --output without --overwrite).
+MODEL_MARKERS = ("config.json", "*.safetensors")
+
+logger = logging.getLogger(__name__)
+
+
+class UsageError(Exception):
+    """A command-line mistake found before any work is done (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors raised as `UsageError`, so `main` reports every usage error the same way."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _import_library() -> None:
+    """Import transformers before the config module, so the registration of "decoupleq" runs after both loaded.
+
+    (Importing `hf_decoupleq.config` first makes it the importer of transformers, and the registration hook that
+    fires at the end of that import finds the config module half-initialised.)
+    """
+    import transformers  # noqa: F401
+
+    import hf_decoupleq  # noqa: F401
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per `DecoupleQConfig` field, typed from the field's default and annotation.
+
+    Defaults are suppressed, so only the flags given on the command line reach `DecoupleQConfig(...)` and the rest keep
+    the library's defaults (one source of truth; the help text shows them).
+    """
+    _import_library()
+    from .config import DecoupleQConfig
+
+    group = parser.add_argument_group("quantization settings (DecoupleQConfig fields; see its docstring)")
+    params = inspect.signature(DecoupleQConfig.__init__).parameters
+    for field in DecoupleQConfig._field_names():
+        if field in NOT_FLAGS:
+            continue
+        default = params[field].default
+        annotation = str(params[field].annotation)
+        kwargs: dict[str, Any] = dict(dest=f"cfg_{field}", default=argparse.SUPPRESS)
+        if isinstance(default, bool):
+            kwargs.update(action=argparse.BooleanOptionalAction, help=f"(default: {default})")
+        elif default is None and annotation.startswith("list"):
+            kwargs.update(nargs="*", metavar="NAME", help="(default: None; give no names to convert every module)")
+        else:
+            # bool is handled above; int/float defaults give their type, everything else is a string.
+            kind = type(default) if isinstance(default, (int, float)) else str
+            kwargs.update(type=kind, metavar=field.upper(), help=f"(default: {default})")
+        group.add_argument(_flag(field), **kwargs)
+
+
+def _common_options(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS lets these options appear both before and after the command without one overwriting the other.
+    parser.add_argument(
+        "--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS, help="level of hf_decoupleq's log (default: info)"
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging (-v: debug, -vv: also "
+        "transformers' debug log)"
+    )
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+
+
+def _load_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype to load the weights in (default: auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``decoupleq`` argument parser (commands ``quantize``, ``eval``, ``generate``)."""
+    parser = _Parser(prog=PROG, description="decoupleQ 2/3/4-bit weight quantization for Hugging Face transformers.")
+    _common_options(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    q = sub.add_parser(
+        "quantize",
+        help="quantize a model and save it (packed weights, tokenizer, model card)",
+        description="Quantize MODEL with decoupleQ and save it to --output: packed safetensors, config.json, the "
+        "tokenizer and a README.md model card. Reload it with `import hf_decoupleq` and "
+        "AutoModelForCausalLM.from_pretrained(DIR).",
+    )
+    q.add_argument("model", metavar="MODEL", help="a Hub id, a local checkpoint folder, or a .gguf file")
+    q.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write the quantized model to")
+    q.add_argument("--overwrite", action="store_true", help="write into --output even if it already holds a model")
+    q.add_argument("--push-to-hub", metavar="REPO", help="also upload the output folder to this Hub repo")
+    q.add_argument("--private", action="store_true", help="create the --push-to-hub repo as private")
+    _load_options(q)
+    _add_config_flags(q)
+    _common_options(q)
+
+    e = sub.add_parser(
+        "eval", help="perplexity of a model on a text", description="Perplexity with non-overlapping windows."
+    )
+    e.add_argument("model", metavar="DIR", help="a saved (quantized or not) model folder, a Hub id, or a .gguf file")
+    e.add_argument("--dataset", required=True, help="'wikitext2' (the Hub test split) or a local text file")
+    e.add_argument("--seq-len", type=int, default=2048, help="window length in tokens (default: 2048)")
+    e.add_argument("--max-windows", type=int, default=40, help="score the first N windows (default: 40; 0: all)")
+    e.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    e.add_argument("--device", help="device to run on (default: cuda if available, else cpu)")
+    e.add_argument("--tokenizer", help="tokenizer Hub id or folder (default: the model's)")
+    _load_options(e)
+    _common_options(e)
+
+    g = sub.add_parser("generate", help="greedy continuation of a prompt", description="Print a greedy continuation.")
+    g.add_argument("model", metavar="DIR", help="a saved (quantized or not) model folder, a Hub id, or a .gguf file")
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate (default: 50)")
+    g.add_argument("--device", help="device to run on (default: cuda if available, else cpu)")
+    g.add_argument("--tokenizer", help="tokenizer Hub id or folder (default: the model's)")
+    _load_options(g)
+    _common_options(g)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _is_gguf(spec: str) -> bool:
+    return spec.lower().endswith(".gguf")
+
+
+def _check_model_spec(spec: str) -> None:
+    """Reject a MODEL that is clearly meant as a local path but does not exist (a Hub id is left to transformers)."""
+    if os.path.exists(spec):
+        if _is_gguf(spec) and not os.path.isfile(spec):
+            raise UsageError(f"GGUF model {spec!r} is not a file")
+        return
+    if _is_gguf(spec):
+        raise UsageError(f"GGUF file not found: {spec!r}")
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or (os.sep != "/" and os.sep in spec):
+        # Hub ids are "name" or "org/name"; anything else with a path shape must exist locally.
+        raise UsageError(f"model folder not found: {spec!r} (use a Hub id, a local checkpoint folder or a .gguf file)")
+
+
+def _check_dataset(dataset: str, known: Sequence[str]) -> None:
+    if dataset in known:
+        return
+    if not os.path.exists(dataset):
+        raise UsageError(
+            f"dataset file not found: {dataset!r} (use one of {list(known)} or a path to a .txt/.jsonl/.parquet file)"
+        )
+    if os.path.isdir(dataset):
+        raise UsageError(f"dataset {dataset!r} is a folder; pass a file (.txt/.jsonl/.parquet)")
+
+
+def _check_device(device: str | None) -> None:
+    import torch
+
+    if device is None:
+        return
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a device: use e.g. cpu, cuda, cuda:1, mps") from None
+
+
+def _check_output(output: str, overwrite: bool) -> None:
+    path = Path(output)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--output {output!r} exists and is not a folder")
+    if path.is_dir() and not overwrite and any(any(path.glob(pattern)) for pattern in MODEL_MARKERS):
+        raise UsageError(f"--output {output!r} already holds a model (config.json / *.safetensors); pass --overwrite")
+
+
+def _load_tokenizer(spec: str, tokenizer: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    if tokenizer is not None:
+        return AutoTokenizer.from_pretrained(tokenizer)
+    if _is_gguf(spec):
+        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(spec)), gguf_file=os.path.basename(spec))
+    return AutoTokenizer.from_pretrained(spec)
+
+
+def _load_model(spec: str, dtype: str, **kwargs: Any) -> Any:
+    """Load a causal LM from a Hub id, a folder or a ``.gguf`` file (dequantized to full precision)."""
+    from transformers import AutoModelForCausalLM
+
+    import hf_decoupleq  # noqa: F401  (registers "decoupleq" so saved decoupleQ checkpoints load packed)
+
+    if _is_gguf(spec):
+        folder, name = os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
+        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=_torch_dtype(dtype), **kwargs)
+    return AutoModelForCausalLM.from_pretrained(spec, dtype=_torch_dtype(dtype), **kwargs)
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The `DecoupleQConfig` of parsed ``quantize`` arguments: the flags given, library defaults for the rest."""
+    from .config import DecoupleQConfig
+
+    fields = {k[len("cfg_") :]: v for k, v in vars(args).items() if k.startswith("cfg_")}
+    return DecoupleQConfig(**fields)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """``decoupleq quantize``: load MODEL, quantize it, save model + tokenizer + card to --output (and push)."""
+    from .config import KNOWN_DATASETS
+
+    # Every check that needs no model comes first, so a mistake costs nothing.
+    config = config_from_args(args)
+    _check_model_spec(args.model)
+    _check_device(config.device)
+    if isinstance(config.dataset, str):
+        _check_dataset(config.dataset, KNOWN_DATASETS)
+    _check_output(args.output, args.overwrite)
+
+    start = time.perf_counter()
+    tokenizer = _load_tokenizer(args.model, config.tokenizer if isinstance(config.tokenizer, str) else None)
+    config.tokenizer = tokenizer
+    if _is_gguf(args.model):
+        # A GGUF file is read (dequantized) into memory first; transformers has no quantize-on-load path for it.
+        from .api import quantize
+
+        logger.info("loading %s (GGUF, dequantized to %s)", args.model, args.dtype)
+        model = _load_model(args.model, args.dtype)
+        quantize(model, config, tokenizer=tokenizer)
+    else:
+        logger.info("loading and quantizing %s", args.model)
+        model = _load_model(args.model, args.dtype, quantization_config=config)
+    quantized_s = time.perf_counter() - start
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"quantized {args.model} in {quantized_s:.1f} s; wrote {out} ({_folder_bytes(out) / 2**20:.1f} MiB)")
+
+    if args.push_to_hub:
+        from huggingface_hub import HfApi
+
+        # Upload exactly the folder just written (model, tokenizer, card) as one commit; the token comes from the
+        # environment or `hf auth login`, never from the command line.
+        api = HfApi()
+        repo_id = api.create_repo(args.push_to_hub, private=args.private or None, exist_ok=True).repo_id
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=str(out), commit_message="Upload decoupleQ-quantized model"
+        )
+        print(f"pushed to {repo_id}: {getattr(info, 'commit_url', info)}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``decoupleq eval``: perplexity of a model on a text (non-overlapping windows)."""
+    from .evaluation import EVAL_DATASETS, perplexity
+
+    _check_model_spec(args.model)
+    _check_device(args.device)
+    _check_dataset(args.dataset, tuple(EVAL_DATASETS))
+    for flag, value, low in (("--seq-len", args.seq_len, 2), ("--max-windows", args.max_windows, 0),
+                             ("--batch-size", args.batch_size, 1)):
+        if value < low:
+            raise UsageError(f"{flag} {value} is not allowed: use an integer >= {low}")
+    device = args.device or _default_device()
+    tokenizer = _load_tokenizer(args.model, args.tokenizer)
+    model = _load_model(args.model, args.dtype, device_map=device)
+    result = perplexity(
+        model,
+        tokenizer,
+        args.dataset,
+        seq_len=args.seq_len,
+        max_windows=args.max_windows or None,
+        batch_size=args.batch_size,
+        progress=True,
+    )
+    print(
+        f"perplexity {result.ppl:.4f} (nll {result.nll:.5f} nats/token over {result.n_tokens} tokens, "
+        f"{result.n_windows} windows of {args.seq_len})"
+    )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """``decoupleq generate``: print the greedy continuation of --prompt."""
+    import torch
+
+    _check_model_spec(args.model)
+    _check_device(args.device)
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} is not allowed: use an integer >= 1")
+    device = args.device or _default_device()
+    tokenizer = _load_tokenizer(args.model, args.tokenizer)
+    model = _load_model(args.model, args.dtype, device_map=device)
+    enc = tokenizer(args.prompt, return_tensors="pt").to(device)
+    with torch.inference_mode():
+        # Greedy (do_sample=False) so the output is reproducible; the pad id silences transformers' open-end warning.
+        out = model.generate(
+            **enc,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+    print(tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _LogSetup:
+    """Send hf_decoupleq's log to stderr at the chosen level for the duration of one `main` call, then restore.
+
+    Only the package's own logger is touched (not the root logger), so `main` can run inside other programs and tests
+    without changing their logging.
+    """
+
+    def __init__(self, level: int, transformers_debug: bool):
+        self.level = level
+        self.transformers_debug = transformers_debug
+
+    def __enter__(self) -> _LogSetup:
+        self.pkg = logging.getLogger("hf_decoupleq")
+        self.saved_level = self.pkg.level
+        self.handler = logging.StreamHandler(sys.stderr)
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        self.pkg.addHandler(self.handler)
+        self.pkg.setLevel(self.level)
+        if self.transformers_debug:
+            from transformers.utils import logging as hf_logging
+
+            self.saved_hf = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_debug()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pkg.removeHandler(self.handler)
+        self.pkg.setLevel(self.saved_level)
+        if self.transformers_debug:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity(self.saved_hf)
+
+
+def _error(message: str) -> None:
+    # One line, whatever the exception text holds.
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def _usage_exceptions() -> tuple[type[BaseException], ...]:
+    from .errors import DecoupleQConfigError, DecoupleQDataError
+
+    return (UsageError, DecoupleQConfigError, DecoupleQDataError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``decoupleq`` command line with `argv` (default: ``sys.argv[1:]``) and return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        _error(exc)
+        return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+
+    debug = getattr(args, "debug", False)
+    verbose = getattr(args, "verbose", 0)
+    level_name = getattr(args, "log_level", "debug" if verbose else "info")
+    with _LogSetup(getattr(logging, level_name.upper()), transformers_debug=verbose >= 2):
+        try:
+            return COMMANDS[args.command](args)
+        except _usage_exceptions() as exc:
+            if debug:
+                traceback.print_exc()
+            _error(exc)
+            return 2
+        except KeyboardInterrupt:
+            _error("interrupted")
+            return 130
+        except Exception as exc:  # noqa: BLE001  (the CLI boundary: every failure becomes one line and exit 1)
+            if debug:
+                traceback.print_exc()
+            _error(f"{type(exc).__name__}: {exc}")
+            return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""The `decoupleq` command line on a tiny model: quantize -> eval -> generate, usage errors, one flag per config field."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import hf_decoupleq  # noqa: F401  (registers "decoupleq")
+from hf_decoupleq import DecoupleQConfig, DecoupleQLinear, cli
+
+from conftest import WIKI_TEST, WIKI_VALID
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(tiny_checkpoint, tmp_path_factory):
+    """Quantize the tiny Llama through the CLI into a folder that already holds a stale model (so --overwrite)."""
+    out = tmp_path_factory.mktemp("cli-out")
+    (out / "config.json").write_text(json.dumps({"stale": True}))
+    argv = [
+        "quantize", str(tiny_checkpoint("llama")), "--output", str(out), "--overwrite",
+        "--bits", "2", "--group-size", "16", "--dataset", str(WIKI_VALID), "--num-samples", "4", "--seq-len", "32",
+        "--rounds", "1", "--blockwise-epochs", "1", "--no-act-order", "--seed", "3", "--dtype", "float32",
+        "--log-level", "warning",
+    ]
+    assert cli.main(argv) == 0
+    return out
+
+
+def reference_perplexity(model, ids: torch.Tensor, seq_len: int, n_windows: int) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows, in float64, written out independently of the library."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in range(n_windows):
+            x = ids[w * seq_len : (w + 1) * seq_len]
+            logp = torch.log_softmax(model(x[None]).logits[0].double(), dim=-1)
+            total -= logp[torch.arange(seq_len - 1), x[1:]].sum().item()
+            count += seq_len - 1
+    return math.exp(total / count)
+
+
+def reference_greedy(model, ids: torch.Tensor, n_new: int) -> torch.Tensor:
+    """Greedy decoding by full recomputation and argmax (no KV cache, no `generate`)."""
+    with torch.no_grad():
+        for _ in range(n_new):
+            nxt = model(ids[None]).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt[None]])
+    return ids
+
+
+def test_quantize_writes_packed_model_tokenizer_and_card(quantized_dir, capsys):
+    cfg = json.loads((quantized_dir / "config.json").read_text())
+    q = cfg["quantization_config"]
+    # The flags reached the config: every value given on the command line, the library default elsewhere.
+    assert (q["quant_method"], q["bits"], q["group_size"], q["act_order"], q["seed"]) == ("decoupleq", 2, 16, False, 3)
+    assert (q["num_samples"], q["seq_len"], q["rounds"], q["blockwise_epochs"]) == (4, 32, 1, 1)
+    assert q["damp"] == DecoupleQConfig().damp
+    assert (quantized_dir / "tokenizer.json").is_file()
+    assert "import hf_decoupleq" in (quantized_dir / "README.md").read_text()
+    model = AutoModelForCausalLM.from_pretrained(quantized_dir)
+    packed = [m for m in model.modules() if isinstance(m, DecoupleQLinear)]
+    assert len(packed) == 2 * 7 and all(m.bits == 2 and m.group_size == 16 for m in packed)
+
+
+def test_eval_prints_the_perplexity(quantized_dir, capsys):
+    rc = cli.main(["eval", str(quantized_dir), "--dataset", str(WIKI_TEST), "--seq-len", "32", "--max-windows", "3",
+                   "--device", "cpu", "--log-level", "warning"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    printed = float(out.split("perplexity ")[1].split()[0])
+    tok = AutoTokenizer.from_pretrained(quantized_dir)
+    ids = tok(WIKI_TEST.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    ref = reference_perplexity(AutoModelForCausalLM.from_pretrained(quantized_dir), ids, 32, 3)
+    assert printed == pytest.approx(ref, rel=1e-4)
+
+
+def test_generate_prints_the_greedy_continuation(quantized_dir, capsys):
+    prompt = "the game was released in"
+    rc = cli.main(["generate", str(quantized_dir), "--prompt", prompt, "--max-new-tokens", "6", "--log-level", "error"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    tok = AutoTokenizer.from_pretrained(quantized_dir)
+    ids = tok(prompt, return_tensors="pt").input_ids[0]
+    ref = reference_greedy(AutoModelForCausalLM.from_pretrained(quantized_dir), ids, 6)
+    assert out.rstrip("\n") == tok.decode(ref[len(ids) :], skip_special_tokens=True)
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Usage errors must be found before any model is loaded: loading fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the usage error was reported")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--bits", "5"], "bits=5"),
+        (["--group-size", "0"], "group_size=0"),
+        (["--damp", "2"], "damp=2"),
+        (["--method", "awq"], "'awq'"),
+        (["--group-size", "sixty"], "'sixty'"),
+        (["--dataset", "no/such/calib.txt"], "no/such/calib.txt"),
+        (["--device", "bogus"], "bogus"),
+        (["--frobnicate"], "--frobnicate"),
+    ],
+)
+def test_quantize_usage_errors_exit_2_with_one_line(extra, expected, tiny_checkpoint, tmp_path, capsys,
+                                                    no_model_loading):
+    argv = ["quantize", str(tiny_checkpoint("llama")), "--output", str(tmp_path / "out"), "--dataset",
+            str(WIKI_VALID), *extra]
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("decoupleq: error: ") and expected in lines[0], captured.err
+    assert captured.out == ""
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("marker", ["config.json", "model.safetensors"])
+def test_existing_output_is_not_overwritten_without_flag(marker, tiny_checkpoint, tmp_path, capsys, no_model_loading):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / marker).write_bytes(b"keep me")
+    argv = ["quantize", str(tiny_checkpoint("llama")), "-o", str(out), "--dataset", str(WIKI_VALID)]
+    assert cli.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--overwrite" in lines[0] and str(out) in lines[0]
+    assert (out / marker).read_bytes() == b"keep me" and [p.name for p in out.iterdir()] == [marker]
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["frobnicate"], "frobnicate"),
+        ([], "COMMAND"),
+        (["eval", "{model}", "--dataset", "missing.txt"], "missing.txt"),
+        (["eval", "{model}"], "--dataset"),
+        (["eval", "{model}", "--dataset", str(WIKI_TEST), "--seq-len", "1"], "--seq-len 1"),
+        (["generate", "./no/such/dir", "--prompt", "hi"], "./no/such/dir"),
+        (["generate", "missing.gguf", "--prompt", "hi"], "missing.gguf"),
+        (["generate", "{model}", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens 0"),
+    ],
+)
+def test_other_usage_errors_exit_2_with_one_line(argv, expected, tiny_checkpoint, capsys, no_model_loading):
+    argv = [a.replace("{model}", str(tiny_checkpoint("llama"))) for a in argv]
+    assert cli.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("decoupleq: error: ") and expected in lines[0], lines
+
+
+def test_other_failures_exit_1_and_debug_shows_the_traceback(tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{ not json")
+    argv = ["generate", str(broken), "--prompt", "hi", "--tokenizer", str(broken)]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("decoupleq: error: ")
+    assert cli.main([*argv, "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith("decoupleq: error: ")
+
+
+def test_help_exits_0(capsys):
+    assert cli.main(["quantize", "--help"]) == 0
+    assert "--group-size" in capsys.readouterr().out
+
+
+# A value other than the default for every field (the test fails if a field is added without one here).
+NON_DEFAULT = {
+    "bits": ("3", 3),
+    "group_size": ("-1", -1),
+    "rounds": ("5", 5),
+    "damp": ("0.05", 0.05),
+    "method": ("gptq", "gptq"),
+    "blockwise_epochs": ("2", 2),
+    "blockwise_lr": ("3e-4", 3e-4),
+    "blockwise_weight_decay": ("0.1", 0.1),
+    "num_samples": ("7", 7),
+    "seq_len": ("99", 99),
+    "seed": ("11", 11),
+    "modules_to_not_convert": (["lm_head", "model.layers.0.mlp.down_proj"], ["lm_head", "model.layers.0.mlp.down_proj"]),
+    "dataset": ("self", "self"),
+    "tokenizer": ("some/tokenizer", "some/tokenizer"),
+    "batch_size": ("2", 2),
+    "checkpoint_dir": ("ckpt", "ckpt"),
+    "device": ("cpu", "cpu"),
+}
+
+
+def test_every_config_field_has_a_flag():
+    fields = set(DecoupleQConfig._field_names())
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["quantize"]
+    options = {opt for action in sub._actions for opt in action.option_strings}
+    # The only fields without a flag are the two the library writes itself.
+    assert set(cli.NOT_FLAGS) == {"format_version", "quantization_stats"} <= fields
+    for field in fields - set(cli.NOT_FLAGS):
+        assert "--" + field.replace("_", "-") in options, field
+    defaults = DecoupleQConfig()
+    for field in fields - set(cli.NOT_FLAGS):
+        flag = "--" + field.replace("_", "-")
+        default = getattr(defaults, field)
+        if isinstance(default, bool):
+            argv, expected = ["--no-" + flag[2:] if default else flag], not default
+        else:
+            raw, expected = NON_DEFAULT[field]
+            argv = [flag, *raw] if isinstance(raw, list) else [flag, raw]
+        cfg = cli.config_from_args(parser.parse_args(["quantize", "m", "-o", "x", *argv]))
+        value = getattr(cfg, field)
+        assert value == expected and type(value) is type(expected), (field, value)
+        # Every other field keeps the library default.
+        for other in fields - {field, "tokenizer"}:
+            assert getattr(cfg, other) == getattr(defaults, other), (field, other)
