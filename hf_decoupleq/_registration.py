@@ -21,15 +21,22 @@ _lock = threading.RLock()
 _registered = False
 
 
-def register() -> None:
-    """Register the ``"decoupleq"`` config and quantizer with transformers (idempotent)."""
+def register() -> bool:
+    """Register the ``"decoupleq"`` config and quantizer with transformers (idempotent).
+
+    Returns False when our own modules are still being imported (transformers was first imported *by*
+    ``hf_decoupleq.config``); :func:`ensure_registered`, called when that import finishes, completes it.
+    """
     global _registered
     with _lock:
         if _registered:
-            return
+            return True
         from transformers.quantizers import auto as hf_auto
         from transformers.quantizers import register_quantization_config, register_quantizer
 
+        config_module = sys.modules.get("hf_decoupleq.config")
+        if config_module is not None and not hasattr(config_module, "DecoupleQConfig"):
+            return False  # hf_decoupleq.config is mid-import; it calls ensure_registered() at its end
         from .config import DecoupleQConfig
         from .quantizer import DecoupleQHfQuantizer
 
@@ -39,6 +46,13 @@ def register() -> None:
             register_quantizer(QUANT_METHOD)(DecoupleQHfQuantizer)
         _registered = True
         logger.debug("registered quant_method %r with transformers", QUANT_METHOD)
+        return True
+
+
+def ensure_registered() -> None:
+    """Register now if transformers is imported and registration is still missing."""
+    if not _registered and "transformers" in sys.modules:
+        register()
 
 
 class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):

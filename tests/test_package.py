@@ -41,3 +41,13 @@ def test_kernels_ship_inside_the_package_not_top_level():
         "print(k.__name__, importlib.util.find_spec('kernels') is None or 'hf_decoupleq' not in str(importlib.util.find_spec('kernels').origin))"
     )
     assert _run(code) == "hf_decoupleq.kernels True"
+
+
+def test_registration_when_the_config_is_what_imports_transformers():
+    for first in ("from hf_decoupleq import DecoupleQConfig", "from hf_decoupleq.config import DecoupleQConfig"):
+        code = (
+            f"import hf_decoupleq\n{first}\n"
+            "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, AUTO_QUANTIZATION_CONFIG_MAPPING\n"
+            "print(AUTO_QUANTIZER_MAPPING['decoupleq'].__name__, AUTO_QUANTIZATION_CONFIG_MAPPING['decoupleq'].__name__)"
+        )
+        assert _run(code) == "DecoupleQHfQuantizer DecoupleQConfig", first
