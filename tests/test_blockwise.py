@@ -20,7 +20,7 @@ def _quantized_result(out_f=6, in_f=20, g=8, bits=2, seed=0):
 
 
 def test_fake_quant_linear_matches_result_and_formula():
-    w, q = _quantized_result()
+    _, q = _quantized_result()
     bias = torch.randn(6)
     mod = FakeQuantLinear.from_result(q, bias=bias)
     torch.testing.assert_close(mod.dequantize(), q.dequantize(), rtol=0, atol=0)

@@ -2,30 +2,94 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import WIKI_TEST, WIKI_VALID
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_decoupleq  # noqa: F401  (registers "decoupleq")
 from hf_decoupleq import DecoupleQConfig, DecoupleQLinear, cli
 
-from conftest import WIKI_TEST, WIKI_VALID
+
+@pytest.fixture(scope="module")
+def pushed():
+    """What `--push-to-hub` sends: HfApi.create_repo / create_commit (the network boundary) record instead."""
+    import huggingface_hub
+
+    record = {"commits": []}
+
+    def fake_create_repo(self, repo_id, **kwargs):
+        record["private"] = kwargs.get("private")
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def fake_create_commit(self, repo_id, operations, **kwargs):
+        files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
+        record["commits"].append((repo_id, files))
+        return huggingface_hub.CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/1",
+            commit_message="x",
+            commit_description="",
+            oid="1",
+            pr_url=None,
+        )
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(huggingface_hub.HfApi, "create_repo", fake_create_repo)
+        mp.setattr(huggingface_hub.HfApi, "create_commit", fake_create_commit)
+        yield record
 
 
 @pytest.fixture(scope="module")
-def quantized_dir(tiny_checkpoint, tmp_path_factory):
-    """Quantize the tiny Llama through the CLI into a folder that already holds a stale model (so --overwrite)."""
+def quantized_dir(tiny_checkpoint, tmp_path_factory, pushed):
+    """Quantize the tiny Llama through the CLI into a folder that already holds a stale model (so --overwrite),
+    and push it."""
     out = tmp_path_factory.mktemp("cli-out")
     (out / "config.json").write_text(json.dumps({"stale": True}))
     argv = [
-        "quantize", str(tiny_checkpoint("llama")), "--output", str(out), "--overwrite",
-        "--bits", "2", "--group-size", "16", "--dataset", str(WIKI_VALID), "--num-samples", "4", "--seq-len", "32",
-        "--rounds", "1", "--blockwise-epochs", "1", "--no-act-order", "--seed", "3", "--dtype", "float32",
-        "--log-level", "warning",
+        "quantize",
+        str(tiny_checkpoint("llama")),
+        "--output",
+        str(out),
+        "--overwrite",
+        "--bits",
+        "2",
+        "--group-size",
+        "16",
+        "--dataset",
+        str(WIKI_VALID),
+        "--num-samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--rounds",
+        "1",
+        "--blockwise-epochs",
+        "1",
+        "--no-act-order",
+        "--seed",
+        "3",
+        "--dtype",
+        "float32",
+        "--log-level",
+        "warning",
+        "--push-to-hub",
+        "me/tiny-w2g16",
+        "--private",
     ]
     assert cli.main(argv) == 0
     return out
+
+
+def test_push_to_hub_uploads_the_output_folder_in_one_commit(quantized_dir, pushed):
+    assert len(pushed["commits"]) == 1 and pushed["private"] is True
+    repo, files = pushed["commits"][0]
+    on_disk = {
+        p.relative_to(quantized_dir).as_posix(): p.read_bytes() for p in quantized_dir.rglob("*") if p.is_file()
+    }
+    assert repo == "me/tiny-w2g16" and files == on_disk
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= set(files)
 
 
 def reference_perplexity(model, ids: torch.Tensor, seq_len: int, n_windows: int) -> float:
@@ -64,8 +128,22 @@ def test_quantize_writes_packed_model_tokenizer_and_card(quantized_dir, capsys):
 
 
 def test_eval_prints_the_perplexity(quantized_dir, capsys):
-    rc = cli.main(["eval", str(quantized_dir), "--dataset", str(WIKI_TEST), "--seq-len", "32", "--max-windows", "3",
-                   "--device", "cpu", "--log-level", "warning"])
+    rc = cli.main(
+        [
+            "eval",
+            str(quantized_dir),
+            "--dataset",
+            str(WIKI_TEST),
+            "--seq-len",
+            "32",
+            "--max-windows",
+            "3",
+            "--device",
+            "cpu",
+            "--log-level",
+            "warning",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     printed = float(out.split("perplexity ")[1].split()[0])
@@ -77,7 +155,9 @@ def test_eval_prints_the_perplexity(quantized_dir, capsys):
 
 def test_generate_prints_the_greedy_continuation(quantized_dir, capsys):
     prompt = "the game was released in"
-    rc = cli.main(["generate", str(quantized_dir), "--prompt", prompt, "--max-new-tokens", "6", "--log-level", "error"])
+    rc = cli.main(
+        ["generate", str(quantized_dir), "--prompt", prompt, "--max-new-tokens", "6", "--log-level", "error"]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     tok = AutoTokenizer.from_pretrained(quantized_dir)
@@ -110,10 +190,18 @@ def no_model_loading(monkeypatch):
         (["--frobnicate"], "--frobnicate"),
     ],
 )
-def test_quantize_usage_errors_exit_2_with_one_line(extra, expected, tiny_checkpoint, tmp_path, capsys,
-                                                    no_model_loading):
-    argv = ["quantize", str(tiny_checkpoint("llama")), "--output", str(tmp_path / "out"), "--dataset",
-            str(WIKI_VALID), *extra]
+def test_quantize_usage_errors_exit_2_with_one_line(
+    extra, expected, tiny_checkpoint, tmp_path, capsys, no_model_loading
+):
+    argv = [
+        "quantize",
+        str(tiny_checkpoint("llama")),
+        "--output",
+        str(tmp_path / "out"),
+        "--dataset",
+        str(WIKI_VALID),
+        *extra,
+    ]
     assert cli.main(argv) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
@@ -185,7 +273,10 @@ NON_DEFAULT = {
     "num_samples": ("7", 7),
     "seq_len": ("99", 99),
     "seed": ("11", 11),
-    "modules_to_not_convert": (["lm_head", "model.layers.0.mlp.down_proj"], ["lm_head", "model.layers.0.mlp.down_proj"]),
+    "modules_to_not_convert": (
+        ["lm_head", "model.layers.0.mlp.down_proj"],
+        ["lm_head", "model.layers.0.mlp.down_proj"],
+    ),
     "dataset": ("self", "self"),
     "tokenizer": ("some/tokenizer", "some/tokenizer"),
     "batch_size": ("2", 2),

@@ -6,16 +6,16 @@ import json
 import math
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, WIKI_TEST, WIKI_VALID
 from safetensors.torch import load, load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_decoupleq  # noqa: F401  (registers "decoupleq")
 from hf_decoupleq import DecoupleQLinear
-
-from conftest import REPO, WIKI_TEST, WIKI_VALID
 
 EXAMPLES = REPO / "examples"
 
@@ -45,17 +45,37 @@ def reference_continuation(model_dir, prompt: str, n_new: int, model=None) -> st
 @pytest.fixture(scope="module")
 def quantized(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("example-out") / "w2g16"
-    rc = load_example("quantize_on_load").main([
-        "--model", str(tiny_checkpoint("llama")), "--output", str(out), "--dataset", str(WIKI_VALID),
-        "--bits", "2", "--group-size", "16", "--num-samples", "4", "--seq-len", "32",
-    ])
+    rc = load_example("quantize_on_load").main(
+        [
+            "--model",
+            str(tiny_checkpoint("llama")),
+            "--output",
+            str(out),
+            "--dataset",
+            str(WIKI_VALID),
+            "--bits",
+            "2",
+            "--group-size",
+            "16",
+            "--num-samples",
+            "4",
+            "--seq-len",
+            "32",
+        ]
+    )
     assert rc == 0
     return out
 
 
 def test_quantize_on_load_saves_a_packed_checkpoint(quantized):
     q = json.loads((quantized / "config.json").read_text())["quantization_config"]
-    assert (q["quant_method"], q["bits"], q["group_size"], q["num_samples"], q["seq_len"]) == ("decoupleq", 2, 16, 4, 32)
+    assert (q["quant_method"], q["bits"], q["group_size"], q["num_samples"], q["seq_len"]) == (
+        "decoupleq",
+        2,
+        16,
+        4,
+        32,
+    )
     assert "import hf_decoupleq" in (quantized / "README.md").read_text()
     model = AutoModelForCausalLM.from_pretrained(quantized)
     packed = [m for m in model.modules() if isinstance(m, DecoupleQLinear)]
@@ -64,17 +84,33 @@ def test_quantize_on_load_saves_a_packed_checkpoint(quantized):
 
 def test_load_and_generate_prints_the_greedy_continuation(quantized, capsys):
     prompt = "the game was released in"
-    assert load_example("load_and_generate").main(
-        ["--model", str(quantized), "--prompt", prompt, "--max-new-tokens", "5", "--device", "cpu"]
-    ) == 0
+    assert (
+        load_example("load_and_generate").main(
+            ["--model", str(quantized), "--prompt", prompt, "--max-new-tokens", "5", "--device", "cpu"]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.rstrip("\n") == reference_continuation(quantized, prompt, 5)
 
 
 def test_evaluate_prints_the_perplexity(quantized, capsys):
-    assert load_example("evaluate").main(
-        ["--model", str(quantized), "--dataset", str(WIKI_TEST), "--seq-len", "32", "--max-windows", "2",
-         "--device", "cpu"]
-    ) == 0
+    assert (
+        load_example("evaluate").main(
+            [
+                "--model",
+                str(quantized),
+                "--dataset",
+                str(WIKI_TEST),
+                "--seq-len",
+                "32",
+                "--max-windows",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     printed = float(capsys.readouterr().out.split("perplexity ")[1].split()[0])
     tok = AutoTokenizer.from_pretrained(quantized)
     ids = tok(WIKI_TEST.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
@@ -102,15 +138,18 @@ def test_push_to_hub_uploads_model_card_and_tokenizer(quantized, monkeypatch, ca
         for op in operations:
             src = op.path_or_fileobj
             if isinstance(src, (str, os.PathLike)):
-                files[op.path_in_repo] = open(src, "rb").read()
+                files[op.path_in_repo] = Path(src).read_bytes()
             elif isinstance(src, bytes):
                 files[op.path_in_repo] = src
             else:
                 files[op.path_in_repo] = src.read()
         commits.append((repo_id, files))
         return huggingface_hub.CommitInfo(
-            commit_url=f"https://huggingface.co/{repo_id}/commit/{len(commits)}", commit_message="x",
-            commit_description="", oid=str(len(commits)), pr_url=None,
+            commit_url=f"https://huggingface.co/{repo_id}/commit/{len(commits)}",
+            commit_message="x",
+            commit_description="",
+            oid=str(len(commits)),
+            pr_url=None,
         )
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fake_create_repo)
@@ -132,12 +171,32 @@ def test_push_to_hub_uploads_model_card_and_tokenizer(quantized, monkeypatch, ca
 
 def test_quickstart_reports_sizes_bits_and_generations(tiny_checkpoint, tmp_path, capsys):
     src, out = tiny_checkpoint("llama"), tmp_path / "qs"
-    argv = ["--model", str(src), "--output", str(out), "--group-size", "32", "--num-samples", "4", "--seq-len", "16",
-            "--rounds", "1", "--blockwise-epochs", "1", "--max-new-tokens", "4", "--prompt", "the game was"]
+    argv = [
+        "--model",
+        str(src),
+        "--output",
+        str(out),
+        "--group-size",
+        "32",
+        "--num-samples",
+        "4",
+        "--seq-len",
+        "16",
+        "--rounds",
+        "1",
+        "--blockwise-epochs",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--prompt",
+        "the game was",
+    ]
     quickstart = load_example("quickstart")
     assert quickstart.main(argv) == 0
     report = capsys.readouterr().out
-    lines = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in report.splitlines() if ":" in line}
+    lines = {
+        line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in report.splitlines() if ":" in line
+    }
     # W2 codes: 2 bits each; one fp32 (scale, zero) pair per 32 weights adds 64 / 32 = 2 bits.
     code_bits, total_bits = (float(x.split()[0]) for x in lines["bits per weight"].split("/"))
     assert (code_bits, total_bits) == (2.0, 4.0)
@@ -170,8 +229,9 @@ def test_quickstart_sh_installs_then_runs_the_demo(tmp_path):
     )
     env = {**os.environ, "VENV": str(venv), "PYTHON": str(tmp_path / "python3")}
     env.pop("TORCH_INDEX_URL", None)
-    subprocess.run(["bash", str(EXAMPLES / "quickstart.sh"), "--overwrite"], check=True, env=env, timeout=60,
-                   capture_output=True)
+    subprocess.run(
+        ["bash", str(EXAMPLES / "quickstart.sh"), "--overwrite"], check=True, env=env, timeout=60, capture_output=True
+    )
     py = str(venv / "bin" / "python")
     pip = f"{py} -m pip install --quiet"
     assert log.read_text().splitlines() == [

@@ -333,7 +333,7 @@ def test_compile_fullgraph_triton_path(backend):
 
 def test_compile_fullgraph_with_gradients():
     k, n = 64, 16
-    m, result, linear = _module(n, k, 2, 32, torch.float32)
+    m, result, _ = _module(n, k, 2, 32, torch.float32)
     m.scales.requires_grad_(True)
     x = torch.randn(3, k)
     torch._dynamo.reset()

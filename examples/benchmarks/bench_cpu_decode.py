@@ -102,8 +102,11 @@ def _quantize_decoder_linears(model, qdtype) -> int:
     return count
 
 
-def run_variant(variant: str, new_tokens: int) -> dict:
+def run_variant(variant: str, new_tokens: int, threads: int = 0) -> dict:
     import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = _model_folder()
@@ -149,18 +152,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma list of fp32,bf16,w2g64,w2g64-fp32")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.child:
-        print("RESULT " + json.dumps(run_variant(args.child, args.new_tokens)))
+        print("RESULT " + json.dumps(run_variant(args.child, args.new_tokens, args.threads)))
         return
 
     _model_folder()
     rows = []
     for variant in args.variants.split(","):
         logger.info("running %s ...", variant)
-        cmd = [sys.executable, __file__, "--child", variant, "--new-tokens", str(args.new_tokens)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            variant,
+            "--new-tokens",
+            str(args.new_tokens),
+            "--threads",
+            str(args.threads),
+        ]
         env = dict(
             os.environ, PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).resolve().parents[2])] + sys.path)
         )

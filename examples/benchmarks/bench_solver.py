@@ -92,8 +92,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--grid-steps", type=int, nargs="+", default=None, help="clip-search strides, e.g. 16 4 1")
     ap.add_argument("--full-grid", action="store_true", help="also run decoupleq with the exhaustive 161-point grid")
-    ap.add_argument("--hessian-cache", type=pathlib.Path, default=None,
-                    help="load weights and Hessians from this file if it exists, else save them there")
+    ap.add_argument(
+        "--hessian-cache",
+        type=pathlib.Path,
+        default=None,
+        help="load weights and Hessians from this file if it exists, else save them there",
+    )
     ap.add_argument("--out", type=pathlib.Path, default=REPO / "bench_out" / "bench_solver.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -150,7 +154,9 @@ def main() -> None:
         lg = f"{r['total_loss'] / gptq['total_loss']:.3f}" if gptq else "-"
         tg = f"{r['time_s'] / gptq['time_s']:.2f}" if gptq else "-"
         mr = f"{r['mean_rel_to_rtn']:.3f}" if r["mean_rel_to_rtn"] is not None else "-"
-        print(f"| {r['config']} | {r['method']} | {mr} | {lg} | {r['time_s']:.2f} | {tg} | {r['time_s'] / layers:.3f} |")
+        print(
+            f"| {r['config']} | {r['method']} | {mr} | {lg} | {r['time_s']:.2f} | {tg} | {r['time_s'] / layers:.3f} |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()}
     args.out.write_text(json.dumps({"args": meta, "layers": list(hessians), "rows": rows}, indent=1))

@@ -289,6 +289,7 @@ def solve_layer(
     grid_steps: tuple[int, ...] = (16, 4, 1),
     early_stop_frac: float = 0.01,
     compute_dtype: torch.dtype = torch.float32,
+    clip_dtype: torch.dtype | None = None,
 ) -> QuantResult:
     """Quantize one linear layer's weight against its input Hessian (method.md, layer-wise stage).
 
@@ -308,8 +309,10 @@ def solve_layer(
         name: layer name for messages.
         block_size: GPTQ lazy-update block width.
         grid_steps: coarse-to-fine strides of the clipping grid search (``(1,)`` = all 161 points).
-        early_stop_frac: stop the alternation when fewer than this fraction of rows improved in a round.
+        early_stop_frac: stop the alternation when fewer than this fraction of rows changed codes in a round.
         compute_dtype: dtype of the big products (float32 is fast and enough; small systems are float64).
+        clip_dtype: dtype of the ``err @ H`` products of the clipping search only (default ``compute_dtype``;
+            ``torch.bfloat16`` halves its cost on GPUs and bf16-capable CPUs, with the same final loss measured).
 
     Returns:
         A :class:`QuantResult`; ``loss`` is evaluated in float64 with the undamped ``H``.
@@ -320,7 +323,7 @@ def solve_layer(
     """
     t0 = time.perf_counter()
     _validate(weight, H, bits, group_size, method, rounds, damp, compute_dtype, block_size, name)
-    n, k = weight.shape
+    k = weight.shape[1]
     g = effective_group_size(group_size, k)
     cd = compute_dtype
     w = weight.detach().to(cd)
@@ -329,13 +332,13 @@ def solve_layer(
     stats: dict[str, Any] = {"method": method, "rounds_run": 0, "damp": None}
     history: list[float] = []
 
-    def losses_of(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        loss = row_losses(w - dequantize(codes, s, z, g), h)
+    def losses_of(wr: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        loss = row_losses(wr - dequantize(codes, s, z, g), h)
         # A non-finite candidate must never win a keep-best comparison.
         return torch.nan_to_num(loss, nan=math.inf)
 
     if method == "decoupleq":
-        s, z, grid_j = clip_search(w, h, bits, g, symmetric, integer_zero, steps=grid_steps)
+        s, z, grid_j = clip_search(w, h, bits, g, symmetric, integer_zero, steps=grid_steps, eval_dtype=clip_dtype)
         stats["clip_p_mean"] = float((1.0 - grid_j.double() / 200.0).mean())
     else:
         s, z = minmax_params(w, bits, g, 1.0, symmetric, integer_zero)
@@ -345,32 +348,39 @@ def solve_layer(
         stats["damp"] = factor.damp
         codes_g = gptq_round(w, s, z, bits, g, factor, block_size)
         if method == "decoupleq":
-            loss = losses_of(codes, s, z)
+            loss = losses_of(w, codes, s, z)
             history.append(float(loss.sum()))
-            loss_g = losses_of(codes_g, s, z)
+            loss_g = losses_of(w, codes_g, s, z)
             take = loss_g < loss
             stats["rows_gptq_first"] = float(take.float().mean())
             codes = torch.where(take[:, None], codes_g, codes)
             loss = torch.minimum(loss, loss_g)
             history.append(float(loss.sum()))
+            # Rows are independent and both steps are deterministic, so a row whose codes did not change in the
+            # last q-step is at a fixed point (its (s, z) is already optimal for its codes, and re-rounding with
+            # the same (s, z) gives the same codes): only rows whose codes changed are worked on again.
+            active = torch.arange(w.shape[0], device=w.device)
+            stats["active_rows"] = []
             for _ in range(rounds):
-                start = loss
-                s_new, z_new = scale_zero_step(w, h, codes, g, bits, s, z, symmetric, integer_zero, cd)
-                loss_sz = losses_of(codes, s_new, z_new)
-                take = loss_sz < loss
-                s = torch.where(take[:, None], s_new, s)
-                z = torch.where(take[:, None], z_new, z)
-                loss = torch.where(take, loss_sz, loss)
-                codes_g = gptq_round(w, s, z, bits, g, factor, block_size)
-                loss_q = losses_of(codes_g, s, z)
-                take = loss_q < loss
-                codes = torch.where(take[:, None], codes_g, codes)
-                loss = torch.where(take, loss_q, loss)
+                if active.numel() == 0 or active.numel() < early_stop_frac * w.shape[0]:
+                    break
+                stats["active_rows"].append(int(active.numel()))
+                wa, ca, sa, za, la = w[active], codes[active], s[active], z[active], loss[active]
+                s_new, z_new = scale_zero_step(wa, h, ca, g, bits, sa, za, symmetric, integer_zero, cd)
+                loss_sz = losses_of(wa, ca, s_new, z_new)
+                take = loss_sz < la
+                sa = torch.where(take[:, None], s_new, sa)
+                za = torch.where(take[:, None], z_new, za)
+                la = torch.where(take, loss_sz, la)
+                codes_g = gptq_round(wa, sa, za, bits, g, factor, block_size)
+                loss_q = losses_of(wa, codes_g, sa, za)
+                take = loss_q < la
+                ca = torch.where(take[:, None], codes_g, ca)
+                la = torch.where(take, loss_q, la)
+                s[active], z[active], codes[active], loss[active] = sa, za, ca, la
                 history.append(float(loss.sum()))
                 stats["rounds_run"] += 1
-                improved = (start - loss) > 1e-6 * start.abs()
-                if float(improved.float().mean()) < early_stop_frac:
-                    break
+                active = active[take]
         else:
             codes = codes_g
     scales = s.float()
