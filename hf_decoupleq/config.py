@@ -270,6 +270,6 @@ class DecoupleQConfig(QuantizationConfigMixin):
 
 # If this module was what imported transformers, the import hook could not register yet (this module was
 # half-initialized then); finish it now that DecoupleQConfig exists.
-from ._registration import ensure_registered as _ensure_registered  # noqa: E402
+from ._registration import ensure_registered as _ensure_registered
 
 _ensure_registered()

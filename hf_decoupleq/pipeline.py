@@ -214,11 +214,8 @@ def _collect_hessians(
         for name in group:
             accs[name] = acc
 
-        def hook(module, args, acc=acc, name=first):
-            x = args[0]
-            if not torch.isfinite(x).all():
-                raise DecoupleQNumericalError(f"non-finite activations (NaN/Inf) at the input of {block_name}.{name}")
-            acc.add(x)
+        def hook(module, args, acc=acc):
+            acc.add(args[0])  # non-finite batches are counted there and reported by hessian() with the layer name
 
         handles.append(linears[first].register_forward_pre_hook(hook))
     if stop_after is not None:
@@ -236,16 +233,16 @@ def _collect_hessians(
 
 
 def _solve_kwargs(config: DecoupleQConfig) -> dict[str, Any]:
-    return dict(
-        bits=config.bits,
-        group_size=config.group_size,
-        method=config.method,
-        rounds=config.rounds,
-        act_order=config.act_order,
-        damp=config.damp,
-        symmetric=config.symmetric,
-        integer_zero=config.integer_zero,
-    )
+    return {
+        "bits": config.bits,
+        "group_size": config.group_size,
+        "method": config.method,
+        "rounds": config.rounds,
+        "act_order": config.act_order,
+        "damp": config.damp,
+        "symmetric": config.symmetric,
+        "integer_zero": config.integer_zero,
+    }
 
 
 def _materialize_block(block: nn.Module, device: torch.device, block_name: str) -> bool:
@@ -480,7 +477,7 @@ def _is_tokenized(dataset: Any) -> bool:
         return True
     if isinstance(dataset, (list, tuple)) and dataset and all(isinstance(x, torch.Tensor) for x in dataset):
         return True
-    return hasattr(dataset, "keys") and "input_ids" in getattr(dataset, "keys", lambda: [])()
+    return hasattr(dataset, "keys") and "input_ids" in getattr(dataset, "keys", list)()
 
 
 def _home_device(block: nn.Module) -> torch.device | None:

@@ -169,6 +169,6 @@ def _json_safe(obj: Any) -> Any:
         return [_json_safe(v) for v in obj]
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
-    if isinstance(obj, float) or isinstance(obj, (int, str, bool)) or obj is None:
+    if isinstance(obj, (float, int, str, bool)) or obj is None:
         return obj
     return str(obj)
