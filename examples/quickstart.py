@@ -57,9 +57,9 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def bits_per_weight(model: torch.nn.Module) -> tuple[float, float, int]:
-    """(code bits, code + scale/zero bits) per weight over the packed linears, and how many there are."""
-    weights = code_bytes = total_bytes = n = 0
+def packed_linears(model: torch.nn.Module) -> tuple[int, int, int, int]:
+    """Over the packed linears: how many, how many weights, bytes of the codes, bytes of codes + scales + zeros."""
+    n = weights = code_bytes = total_bytes = 0
     for module in model.modules():
         if isinstance(module, DecoupleQLinear):
             n += 1
@@ -67,7 +67,7 @@ def bits_per_weight(model: torch.nn.Module) -> tuple[float, float, int]:
             codes = module.qweight.numel() * module.qweight.element_size()
             code_bytes += codes
             total_bytes += codes + sum(t.numel() * t.element_size() for t in (module.scales, module.zeros))
-    return 8 * code_bytes / max(weights, 1), 8 * total_bytes / max(weights, 1), n
+    return n, weights, code_bytes, total_bytes
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
@@ -148,16 +148,18 @@ def main(argv=None) -> int:
     del model
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     after = generate(reloaded, tokenizer, args.prompt, args.max_new_tokens)
-    code_bits, total_bits, n_linears = bits_per_weight(reloaded)
+    n_linears, n_weights, code_bytes, packed_bytes = packed_linears(reloaded)
+    code_bits, total_bits = 8 * code_bytes / n_weights, 8 * packed_bytes / n_weights
     q_bytes = state_bytes(reloaded)
     weight_files = sum(f.stat().st_size for f in out.glob("*.safetensors"))
 
     print()
     print("== decoupleQ quickstart ==")
     print(f"quantization time     : {quant_s:.0f} s ({torch.get_num_threads()} CPU threads)")
-    print(f"quantized linears     : {n_linears} (lm_head and embeddings stay fp32)")
+    print(f"quantized linears     : {n_linears} ({n_weights / 1e6:.1f} M weights; embeddings and lm_head stay fp32)")
     print(f"bits per weight       : {code_bits:.2f} (codes) / {total_bits:.2f} (with fp32 scales + zeros)")
-    print(f"state dict            : {fp_bytes / 2**20:.1f} MiB fp32 -> {q_bytes / 2**20:.1f} MiB")
+    print(f"quantized weights     : {4 * n_weights / 2**20:.1f} MiB fp32 -> {packed_bytes / 2**20:.1f} MiB packed")
+    print(f"whole state dict      : {fp_bytes / 2**20:.1f} MiB fp32 -> {q_bytes / 2**20:.1f} MiB")
     print(f"saved to {out!s:<13}: {folder_bytes(out) / 2**20:.1f} MiB ({weight_files / 2**20:.1f} MiB safetensors)")
     if ppl_before is not None:
         from hf_decoupleq.evaluation import perplexity

@@ -73,31 +73,59 @@ def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+def _field_help() -> dict[str, str]:
+    """Each field's description from the `DecoupleQConfig` docstring (its HF-style ``Args:`` section)."""
+    import re
+
+    from .config import DecoupleQConfig
+
+    doc = inspect.getdoc(DecoupleQConfig) or ""
+    args = doc.split("Args:", 1)[-1]
+    helps: dict[str, str] = {}
+    carry = ""
+    # Entries start with "name (`type`, ...)"; several names may share one description ("a (...), b (...): text").
+    for entry in re.split(r"\n(?=    \w+ \()", "\n" + args):
+        head, sep, text = (carry + entry).partition("): ")
+        if not sep:
+            carry += entry
+            continue
+        carry = ""
+        text = " ".join(text.split())
+        for name in re.findall(r"(\w+) \(", head):
+            helps[name] = text
+    return helps
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per `DecoupleQConfig` field, typed from the field's default and annotation.
 
     Defaults are suppressed, so only the flags given on the command line reach `DecoupleQConfig(...)` and the rest keep
-    the library's defaults (one source of truth; the help text shows them).
+    the library's defaults (one source of truth, which also validates; the help text shows the defaults).
     """
     _import_library()
     from .config import DecoupleQConfig
 
-    group = parser.add_argument_group("quantization settings (DecoupleQConfig fields; see its docstring)")
+    group = parser.add_argument_group("quantization settings (the fields of DecoupleQConfig)")
     params = inspect.signature(DecoupleQConfig.__init__).parameters
+    helps = _field_help()
     for field in DecoupleQConfig._field_names():
         if field in NOT_FLAGS:
             continue
         default = params[field].default
         annotation = str(params[field].annotation)
+        text = helps.get(field, "").replace("%", "%%")
+        if "default" not in text:
+            text = f"{text} (default: {default})".strip()
         kwargs: dict[str, Any] = {"dest": f"cfg_{field}", "default": argparse.SUPPRESS}
         if isinstance(default, bool):
-            kwargs.update(action=argparse.BooleanOptionalAction, help=f"(default: {default})")
+            kwargs.update(action=argparse.BooleanOptionalAction, help=text)
         elif default is None and annotation.startswith("list"):
-            kwargs.update(nargs="*", metavar="NAME", help="(default: None; give no names to convert every module)")
+            kwargs.update(nargs="*", metavar="NAME", help=f"{text} Give the flag alone to convert every module.")
         else:
             # bool is handled above; int/float defaults give their type, everything else is a string.
             kind = type(default) if isinstance(default, (int, float)) else str
-            kwargs.update(type=kind, metavar=field.upper(), help=f"(default: {default})")
+            metavar = {int: "N", float: "X"}.get(kind, "VALUE")
+            kwargs.update(type=kind, metavar=metavar, help=text)
         group.add_argument(_flag(field), **kwargs)
 
 
@@ -205,14 +233,18 @@ def _check_model_spec(spec: str) -> None:
 
 
 def _check_dataset(dataset: str, known: Sequence[str]) -> None:
+    """A known dataset name, or an existing file of a kind the library reads."""
+    from .calibration.data import SUPPORTED_EXTENSIONS
+
     if dataset in known:
         return
+    kinds = "/".join(SUPPORTED_EXTENSIONS)
     if not os.path.exists(dataset):
-        raise UsageError(
-            f"dataset file not found: {dataset!r} (use one of {list(known)} or a path to a .txt/.jsonl/.parquet file)"
-        )
+        raise UsageError(f"dataset file not found: {dataset!r} (use one of {list(known)} or a path to a {kinds} file)")
     if os.path.isdir(dataset):
-        raise UsageError(f"dataset {dataset!r} is a folder; pass a file (.txt/.jsonl/.parquet)")
+        raise UsageError(f"dataset {dataset!r} is a folder; pass a {kinds} file")
+    if Path(dataset).suffix.lower() not in SUPPORTED_EXTENSIONS:
+        raise UsageError(f"dataset {dataset!r} is not a {kinds} file")
 
 
 def _check_device(device: str | None) -> None:

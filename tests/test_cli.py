@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WIKI_TEST, WIKI_VALID
+from conftest import REPO, WIKI_TEST, WIKI_VALID
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_decoupleq  # noqa: F401  (registers "decoupleq")
@@ -186,6 +186,8 @@ def no_model_loading(monkeypatch):
         (["--method", "awq"], "'awq'"),
         (["--group-size", "sixty"], "'sixty'"),
         (["--dataset", "no/such/calib.txt"], "no/such/calib.txt"),
+        (["--dataset", str(WIKI_VALID.parent)], "folder"),
+        (["--dataset", str(REPO / "pyproject.toml")], "pyproject.toml"),
         (["--device", "bogus"], "bogus"),
         (["--frobnicate"], "--frobnicate"),
     ],
@@ -202,6 +204,7 @@ def test_quantize_usage_errors_exit_2_with_one_line(
         str(WIKI_VALID),
         *extra,
     ]
+    capsys.readouterr()  # drop what building the session's tiny checkpoint printed
     assert cli.main(argv) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
@@ -216,6 +219,7 @@ def test_existing_output_is_not_overwritten_without_flag(marker, tiny_checkpoint
     out.mkdir()
     (out / marker).write_bytes(b"keep me")
     argv = ["quantize", str(tiny_checkpoint("llama")), "-o", str(out), "--dataset", str(WIKI_VALID)]
+    capsys.readouterr()  # drop what building the session's tiny checkpoint printed
     assert cli.main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "--overwrite" in lines[0] and str(out) in lines[0]
@@ -237,6 +241,7 @@ def test_existing_output_is_not_overwritten_without_flag(marker, tiny_checkpoint
 )
 def test_other_usage_errors_exit_2_with_one_line(argv, expected, tiny_checkpoint, capsys, no_model_loading):
     argv = [a.replace("{model}", str(tiny_checkpoint("llama"))) for a in argv]
+    capsys.readouterr()  # drop what building the session's tiny checkpoint printed
     assert cli.main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("decoupleq: error: ") and expected in lines[0], lines
@@ -309,3 +314,40 @@ def test_every_config_field_has_a_flag():
         # Every other field keeps the library default.
         for other in fields - {field, "tokenizer"}:
             assert getattr(cfg, other) == getattr(defaults, other), (field, other)
+
+
+def test_gguf_model_is_loaded_full_precision_then_quantized(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """A .gguf MODEL goes through from_pretrained(folder, gguf_file=name) and `hf_decoupleq.quantize`.
+
+    Building a real GGUF file needs a tokenizer GGUF can describe, so the GGUF read itself is stood in for by the tiny
+    checkpoint; what is checked is what the CLI asks transformers for and that the result is quantized and saved.
+    """
+    gguf = tmp_path / "src" / "tiny.Q8_0.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    real_model, real_tok = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+    calls = []
+
+    def fake_model(path, *args, gguf_file=None, quantization_config=None, **kwargs):
+        calls.append(("model", path, gguf_file, quantization_config))
+        return real_model(tiny_checkpoint("llama"), **kwargs)
+
+    def fake_tok(path, *args, gguf_file=None, **kwargs):
+        calls.append(("tokenizer", path, gguf_file, None))
+        return real_tok(tiny_checkpoint("llama"))
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake_model)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", fake_tok)
+    out = tmp_path / "out"
+    argv = f"quantize {gguf} -o {out} --bits 4 --group-size 32 --num-samples 2 --seq-len 16 --no-blockwise"
+    assert cli.main([*argv.split(), "--dataset", str(WIKI_VALID), "--log-level", "error"]) == 0
+    # Loaded in full precision from the GGUF file (no quantize-on-load), tokenizer from the same file.
+    assert calls == [
+        ("tokenizer", str(gguf.parent), gguf.name, None),
+        ("model", str(gguf.parent), gguf.name, None),
+    ]
+    monkeypatch.undo()
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (q["quant_method"], q["bits"], q["group_size"], q["blockwise"]) == ("decoupleq", 4, 32, False)
+    packed = [m for m in AutoModelForCausalLM.from_pretrained(out).modules() if isinstance(m, DecoupleQLinear)]
+    assert len(packed) == 2 * 7 and all(m.bits == 4 for m in packed)

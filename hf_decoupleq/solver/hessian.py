@@ -21,6 +21,8 @@ class HessianAccumulator:
         in_features: ``K``, the width of the layer input.
         device: where ``H`` is accumulated; ``None`` means the device of the first batch added.
         name: the layer name, used in error messages.
+        matmul_dtype: dtype of each batch's ``x^T x`` product. The running sum is always float64; float32 products
+            (one rounding per batch, ~1e-7 relative) take about half the time of float64 ones on CPUs.
 
     Example:
         >>> acc = HessianAccumulator(4)
@@ -29,9 +31,18 @@ class HessianAccumulator:
         (6, torch.Size([4, 4]))
     """
 
-    def __init__(self, in_features: int, device: torch.device | str | None = None, name: str | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        device: torch.device | str | None = None,
+        name: str | None = None,
+        matmul_dtype: torch.dtype = torch.float64,
+    ) -> None:
         if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features <= 0:
             raise DecoupleQConfigError(f"in_features={in_features!r} must be a positive int")
+        if matmul_dtype not in (torch.float32, torch.float64):
+            raise DecoupleQConfigError(f"matmul_dtype={matmul_dtype} must be torch.float32 or torch.float64")
+        self.matmul_dtype = matmul_dtype
         self.in_features = in_features
         self.name = name
         self.device = torch.device(device) if device is not None else None
@@ -68,12 +79,15 @@ class HessianAccumulator:
             if self.device is None:
                 self.device = x.device
             self._sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=self.device)
-        x = x.to(device=self.device, dtype=torch.float64)
+        x = x.to(device=self.device, dtype=self.matmul_dtype)
         if not torch.isfinite(x).all():
             # Recorded rather than raised here: hessian() reports it once, with the layer name.
             self.nonfinite_batches += 1
             return
-        self._sum.addmm_(x.T, x)
+        if self.matmul_dtype == torch.float64:
+            self._sum.addmm_(x.T, x)
+        else:
+            self._sum += (x.T @ x).to(torch.float64)
         self.nsamples += x.shape[0]
 
     def hessian(self) -> torch.Tensor:

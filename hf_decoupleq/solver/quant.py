@@ -191,15 +191,20 @@ def clip_search(
     wmin, wmax = _group_minmax(w, group_size)
     tiny = _tiny_scale(w)
     k = w.shape[1]
+    ng = num_groups(k, group_size)
     maxq = max_code(bits)
     h_eval = h.to(eval_dtype) if eval_dtype is not None else h
+    # A [N, G, g] view (zero-padded when g does not divide K) broadcasts the per-group parameters without
+    # materializing per-column copies: this loop is bound by elementwise passes once the matmul is cheap.
+    wg = w if ng * group_size == k else torch.nn.functional.pad(w, (0, ng * group_size - k))
+    wg = wg.reshape(n, ng, group_size)
 
     def evaluate(j: torch.Tensor) -> None:
         p = 1.0 - j.to(w.dtype) * GRID_STEP
         s, z = _range_params(wmin, wmax, tiny, bits, p, symmetric, integer_zero)
-        s = expand_groups(s, group_size, k)
-        z = expand_groups(z, group_size, k)
-        err = w - torch.addcmul(z, torch.round((w - z) / s).clamp_(0, maxq), s)
+        wz = wg - z[..., None]
+        q = (wz * s.reciprocal()[..., None]).round_().clamp_(0, maxq)
+        err = torch.addcmul(wz, q, s[..., None], value=-1.0).reshape(n, ng * group_size)[:, :k]
         if eval_dtype is not None:
             loss = ((err.to(eval_dtype) @ h_eval).to(w.dtype) * err).sum(dim=1)
         else:
