@@ -58,17 +58,6 @@ class _Parser(argparse.ArgumentParser):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _import_library() -> None:
-    """Import transformers before the config module, so the registration of "decoupleq" runs after both loaded.
-
-    (Importing `hf_decoupleq.config` first makes it the importer of transformers, and the registration hook that
-    fires at the end of that import finds the config module half-initialised.)
-    """
-    import transformers  # noqa: F401
-
-    import hf_decoupleq  # noqa: F401
-
-
 def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
@@ -102,7 +91,6 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     Defaults are suppressed, so only the flags given on the command line reach `DecoupleQConfig(...)` and the rest keep
     the library's defaults (one source of truth, which also validates; the help text shows the defaults).
     """
-    _import_library()
     from .config import DecoupleQConfig
 
     group = parser.add_argument_group("quantization settings (the fields of DecoupleQConfig)")

@@ -192,6 +192,7 @@ def decoder_linear_stats_fp(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def quantize_decoupleq(model, tokenizer, windows, setting: Setting, method: str, args) -> dict[str, Any]:
+    """Quantize ``model`` in place with ``hf_decoupleq.quantize``; return the timing and storage fields of a record."""
     from hf_decoupleq import DecoupleQConfig, quantize
 
     cfg = DecoupleQConfig(
@@ -226,7 +227,11 @@ def autoround_dataset(windows: torch.Tensor) -> list[dict[str, Any]]:
     return [{"input_ids": row[None].clone(), "attention_mask": None} for row in windows]
 
 
-def quantize_autoround(model, tokenizer, windows, setting: Setting, args) -> dict[str, Any]:
+def quantize_autoround(model, tokenizer, windows, setting: Setting, args) -> tuple[dict[str, Any], Any, Any]:
+    """Quantize ``model`` with AutoRound on the same windows; return (record fields, the AutoRound object, model).
+
+    The model comes back fake-quantized (dequantized weights in ordinary linears), ready to evaluate.
+    """
     import auto_round
     from auto_round import AutoRound
 
@@ -266,19 +271,29 @@ def autoround_packed_stats(ar, model, setting: Setting) -> dict[str, Any]:
     """Size of AutoRound's own packed format (``format="auto_round"``), read back from its safetensors export.
 
     Falls back to the theoretical size (codes + float16 scale + ``bits``-bit zero point per group) if the export
-    fails here, and says so in ``packed_size_source``.
+    fails here, and says so in ``packed_size_source``. Call after the evaluation: the export packs the model in place.
     """
     from safetensors import safe_open
 
+    # Shapes and the unquantized tensors first: the export replaces the linears by packed modules.
+    shapes = {
+        name: (module.in_features, module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}"
+    }
+    other_bytes = _common.unique_tensor_bytes(
+        {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in shapes}
+    )
     try:
         with tempfile.TemporaryDirectory(prefix="bench_autoround_") as tmp:
-            ar.save_quantized(tmp, format="auto_round")
+            export_dir = os.path.join(tmp, "export")  # a fresh folder: AutoRound warns about existing ones
+            ar.save_quantized(export_dir, format="auto_round")
             total = linear_bytes = 0
             layer_prefixes: set[str] = set()
-            for fname in sorted(os.listdir(tmp)):
+            for fname in sorted(os.listdir(export_dir)):
                 if not fname.endswith(".safetensors"):
                     continue
-                with safe_open(os.path.join(tmp, fname), "pt") as f:
+                with safe_open(os.path.join(export_dir, fname), "pt") as f:
                     for key in f.keys():  # noqa: SIM118  (safe_open handles are not containers)
                         t = f.get_tensor(key)
                         nbytes = t.numel() * t.element_size()
@@ -287,12 +302,9 @@ def autoround_packed_stats(ar, model, setting: Setting) -> dict[str, Any]:
                         if leaf in ("qweight", "qzeros", "scales", "g_idx"):
                             linear_bytes += nbytes
                             layer_prefixes.add(prefix)
-        if not layer_prefixes:
-            raise RuntimeError("the export holds no packed (qweight) tensors")
-        n_weights = 0
-        for name, module in model.named_modules():
-            if name in layer_prefixes:
-                n_weights += int(module.in_features) * int(module.out_features)
+        n_weights = sum(k * n for name, (k, n) in shapes.items() if name in layer_prefixes)
+        if not layer_prefixes or n_weights == 0:
+            raise RuntimeError(f"the export holds no packed layers matching the model's ({len(layer_prefixes)} found)")
         return {
             "quantized_linears": len(layer_prefixes),
             "quantized_weights": n_weights,
@@ -306,27 +318,18 @@ def autoround_packed_stats(ar, model, setting: Setting) -> dict[str, Any]:
         logger.warning(
             "AutoRound export failed (%s: %s); reporting the theoretical packed size", type(exc).__name__, exc
         )
-    n_layers = n_weights = groups = 0
-    for name, module in model.named_modules():
-        if ".layers." in f".{name}" and isinstance(module, torch.nn.Linear):
-            k, n = module.in_features, module.out_features
-            g = k if setting.group_size == -1 else setting.group_size
-            n_layers += 1
-            n_weights += k * n
-            groups += math.ceil(k / g) * n
-    linear_bits = n_weights * setting.bits + groups * (16 + setting.bits)
-    other = sum(
-        t.numel() * t.element_size()
-        for name, t in model.state_dict().items()
-        if not (".layers." in f".{name}" and name.endswith("proj.weight"))
+    n_weights = sum(k * n for k, n in shapes.values())
+    groups = sum(
+        math.ceil(k / (k if setting.group_size == -1 else setting.group_size)) * n for k, n in shapes.values()
     )
+    linear_bits = n_weights * setting.bits + groups * (16 + setting.bits)
     return {
-        "quantized_linears": n_layers,
+        "quantized_linears": len(shapes),
         "quantized_weights": n_weights,
         "quantized_linear_bytes": linear_bits // 8,
         "bits_per_weight": linear_bits / n_weights,
         "bits_per_weight_fp16_scales": linear_bits / n_weights,
-        "packed_size_bytes": linear_bits // 8 + other,
+        "packed_size_bytes": linear_bits // 8 + other_bytes,
         "packed_size_source": "theoretical: bits x params + (fp16 scale + bits-bit zero) per group, plus fp tensors",
     }
 
@@ -599,7 +602,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("WikiText-2 perplexity (log scale)")
     ax.set_title("SmolLM2-135M: perplexity vs bits per weight")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)

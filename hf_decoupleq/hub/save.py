@@ -23,7 +23,11 @@ _MARK = "_decoupleq_card_writer"
 
 
 def _state_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    # Tied tensors (e.g. embeddings shared with lm_head) are stored once.
+    seen = {}
+    for t in model.state_dict().values():
+        seen[(t.data_ptr(), t.numel(), t.dtype)] = t.numel() * t.element_size()
+    return sum(seen.values())
 
 
 def render_card_for(model: nn.Module, repo_id: str | None = None):
