@@ -598,6 +598,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     if fp:
         ax.axhline(fp[-1]["ppl"], color="black", linestyle="--", linewidth=1, label=f"fp32 ({fp[-1]['ppl']:.2f})")
     ax.set_yscale("log")
+    # Plain numbers on the log axis (matplotlib's default is 2x10^1); minor ticks labelled only within a decade.
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    low, high = ax.get_ylim()
+    ax.yaxis.set_minor_formatter(plain if high / low < 10 else NullFormatter())
     ax.set_xlabel("bits per weight (codes + fp16 scales/zeros)")
     ax.set_ylabel("WikiText-2 perplexity (log scale)")
     ax.set_title("SmolLM2-135M: perplexity vs bits per weight")
