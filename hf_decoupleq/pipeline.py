@@ -15,6 +15,8 @@ accelerator memory is about one block plus one batch.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -73,6 +76,30 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     return type(a) is type(b) and a == b if not isinstance(a, torch.Tensor) else False
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` for calibration forwards (None: compute in the weights' own dtype)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _calibration_dtype(config: DecoupleQConfig, model: nn.Module) -> torch.dtype | None:
+    """The autocast dtype for `config.calibration_dtype`, or None when the model already computes in it."""
+    if config.calibration_dtype is None:
+        return None
+    dtype = getattr(torch, config.calibration_dtype)
+    weights = {p.dtype for p in model.parameters() if p.is_floating_point() and p.device.type != "meta"}
+    if weights == {dtype}:
+        return None
+    if any(w.itemsize < dtype.itemsize for w in weights):
+        raise DecoupleQError(
+            f"calibration_dtype={config.calibration_dtype!r} is wider than the model's weights "
+            f"({', '.join(sorted(str(w).removeprefix('torch.') for w in weights))}); autocast can only lower "
+            "precision: load the model in that dtype instead, or leave calibration_dtype=None"
+        )
+    return dtype
 
 
 def _block_output(out: Any) -> torch.Tensor:
@@ -136,12 +163,107 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tens
     return BlockInputs(hidden, kwargs_list)
 
 
+class ChildReplay:
+    """Memoized outputs of a block's children (e.g. `self_attn`) whose computation can no longer change.
+
+    Within one block the true-sequential passes run the same prefix again and again: once `q, k, v, o` are quantized,
+    the attention module's output is fixed for every later pass. A child is *final* once every linear called up to
+    the end of its forward (in the traced call order) is quantized; its outputs are recorded the first time it runs
+    while final and replayed afterwards (a fresh copy each time, so in-place updates downstream cannot corrupt it).
+    Replay is exact: the same deterministic computation on the same inputs gives the same values.
+    """
+
+    def __init__(self, block: nn.Module, trace: Sequence[str], num_batches: int) -> None:
+        self.num_batches = num_batches
+        self.current = 0
+        self.outputs: dict[str, list[Any]] = {}
+        self.upstream: dict[str, set[str]] = {}
+        self.final_forward_ok = False
+        self.final_outputs: list[torch.Tensor] | None = None
+        for child_name, child in block.named_children():
+            prefix = child_name + "."
+            positions = [i for i, name in enumerate(trace) if name.startswith(prefix)]
+            if positions:
+                self.upstream[child_name] = set(trace[: max(positions) + 1])
+        self._children = dict(block.named_children())
+
+    def upstream_all(self) -> set[str]:
+        return set().union(*self.upstream.values()) if self.upstream else set()
+
+    def final_children(self, quantized: set[str]) -> list[str]:
+        return [c for c, needed in self.upstream.items() if needed <= quantized]
+
+    def complete(self, child: str) -> bool:
+        outs = self.outputs.get(child)
+        return outs is not None and all(o is not None for o in outs)
+
+    @contextlib.contextmanager
+    def active(self, quantized: set[str], record: bool = True):
+        """Replay the final children that are recorded; record the final ones that are not (if `record`)."""
+        handles: list[Any] = []
+        patched: list[nn.Module] = []
+        calls: dict[str, int] = {}
+        try:
+            for name in self.final_children(quantized):
+                child = self._children[name]
+                if self.complete(name):
+                    child.forward = functools.partial(self._replay, name)
+                    patched.append(child)
+                elif record:
+                    self.outputs.setdefault(name, [None] * self.num_batches)
+                    handles.append(child.register_forward_hook(functools.partial(self._record, name, calls)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for child in patched:
+                del child.forward
+        for name, count in calls.items():
+            if count > 0 and name in self.outputs and self.complete(name) and count != self.num_batches:
+                # Called more than once per batch: the per-batch memo would be wrong; never replay it.
+                self.upstream.pop(name, None)
+                self.outputs.pop(name, None)
+
+    def _record(self, name: str, calls: dict[str, int], module, args, output) -> None:
+        calls[name] = calls.get(name, 0) + 1
+        self.outputs[name][self.current] = _copy_to(output, torch.device("cpu"))
+
+    def _replay(self, name: str, *args, **kwargs) -> Any:
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        if device is None:
+            device = next((v.device for v in kwargs.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        return _copy_to(self.outputs[name][self.current], device)
+
+
+def _copy_to(obj: Any, device: torch.device) -> Any:
+    """A fresh copy of the tensors in `obj` on `device` (detached)."""
+    if isinstance(obj, torch.Tensor):
+        out = obj.detach().to(device)
+        return out.clone() if out.data_ptr() == obj.data_ptr() else out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copy_to(v, device) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _copy_to(v, device) for k, v in obj.items()}
+    return obj
+
+
 @torch.no_grad()
-def _forward_all(block: nn.Module, inputs: BlockInputs, device: torch.device, keep: bool = True) -> list[torch.Tensor]:
+def _forward_all(
+    block: nn.Module,
+    inputs: BlockInputs,
+    device: torch.device,
+    keep: bool = True,
+    compute_dtype: torch.dtype | None = None,
+    replay: ChildReplay | None = None,
+) -> list[torch.Tensor]:
     outputs = []
     for i, h in enumerate(inputs.hidden):
+        if replay is not None:
+            replay.current = i
         try:
-            out = _block_output(block(h.to(device), **inputs.kwargs_on(i, device)))
+            with _autocast(device, compute_dtype):
+                out = _block_output(block(h.to(device), **inputs.kwargs_on(i, device)))
+            out = out.to(h.dtype)
         except StopForward:
             continue
         if keep:
@@ -151,11 +273,17 @@ def _forward_all(block: nn.Module, inputs: BlockInputs, device: torch.device, ke
 
 @torch.no_grad()
 def discover_sequential_groups(
-    block: nn.Module, linears: dict[str, nn.Module], inputs: BlockInputs, device: torch.device
+    block: nn.Module,
+    linears: dict[str, nn.Module],
+    inputs: BlockInputs,
+    device: torch.device,
+    compute_dtype: torch.dtype | None = None,
+    trace: list[str] | None = None,
 ) -> list[list[str]]:
     """Trace one forward and group linears that read the very same input tensor, in call order.
 
     For Llama this yields `[[q, k, v], [o], [gate, up], [down]]`; for OPT `[[q, k, v], [out], [fc1], [fc2]]`.
+    If `trace` is given, it receives every linear call of that forward, in order (repeats included).
     """
     calls: list[tuple[str, int]] = []
     handles = []
@@ -171,10 +299,13 @@ def discover_sequential_groups(
     for name, module in linears.items():
         handles.append(module.register_forward_pre_hook(make_hook(name)))
     try:
-        block(inputs.hidden[0].to(device), **inputs.kwargs_on(0, device))
+        with _autocast(device, compute_dtype):
+            block(inputs.hidden[0].to(device), **inputs.kwargs_on(0, device))
     finally:
         for h in handles:
             h.remove()
+    if trace is not None:
+        trace.extend(name for name, _ in calls)
     groups: list[list[str]] = []
     seen: set[str] = set()
     last_input = None
@@ -203,6 +334,9 @@ def _collect_hessians(
     block_name: str,
     keep_outputs: bool,
     stop_after: str | None,
+    compute_dtype: torch.dtype | None = None,
+    replay: ChildReplay | None = None,
+    quantized: set[str] | None = None,
 ) -> tuple[dict[str, HessianAccumulator], list[torch.Tensor]]:
     """One pass over the calibration batches with hooks filling one accumulator per sub-group."""
     accs: dict[str, HessianAccumulator] = {}
@@ -228,7 +362,8 @@ def _collect_hessians(
 
         handles.append(linears[stop_after].register_forward_hook(stop))
     try:
-        outputs = _forward_all(block, inputs, device, keep=keep_outputs)
+        with replay.active(quantized or set()) if replay is not None else contextlib.nullcontext():
+            outputs = _forward_all(block, inputs, device, keep=keep_outputs, compute_dtype=compute_dtype, replay=replay)
     finally:
         for h in handles:
             h.remove()
@@ -290,8 +425,13 @@ def quantize_block(
     block_index: int,
     skip: Sequence[str],
     device: torch.device,
+    compute_dtype: torch.dtype | None = None,
+    replay: ChildReplay | None = None,
 ) -> dict[str, Any]:
-    """Quantize one decoder block in place (its linears become `DecoupleQLinear`). Returns per-block statistics."""
+    """Quantize one decoder block in place (its linears become `DecoupleQLinear`). Returns per-block statistics.
+
+    `compute_dtype` (from `_calibration_dtype`) autocasts the block's forwards; the solver is unaffected. A `replay`
+    (see `ChildReplay`) is filled here and may be reused by `forward_quantized_block` afterwards."""
     t0 = time.perf_counter()
     linears = find_linears(block, f"{block_name}.", skip)
     stats: dict[str, Any] = {"index": block_index, "layers": {}}
@@ -299,12 +439,18 @@ def quantize_block(
         return stats
     for name, linear in linears.items():
         _check_finite(linear.weight, f"the weight of {block_name}.{name}")
-    groups = discover_sequential_groups(block, linears, inputs, device)
+    trace: list[str] = []
+    groups = discover_sequential_groups(block, linears, inputs, device, compute_dtype, trace=trace)
+    if replay is not None:
+        replay.__init__(block, trace, len(inputs.hidden))
     solve_kwargs = _solve_kwargs(config)
     fake: dict[str, FakeQuantLinear] = {}
     originals: dict[str, nn.Linear] = {}
 
+    timing = {"passes": 0.0, "solve": 0.0}
+
     def solve_group(group: Sequence[str], accs: dict[str, HessianAccumulator]) -> None:
+        t_solve = time.perf_counter()
         H = accs[group[0]].hessian()
         for name in group:
             linear = linears[name]
@@ -317,30 +463,48 @@ def quantize_block(
             mean_loss = float(result.loss.mean())
             stats["layers"][name] = mean_loss
             logger.info("%s.%s: %s proxy loss %.6g", block_name, name, config.method, mean_loss)
+        timing["solve"] += time.perf_counter() - t_solve
 
     # Pass 1: full-precision outputs (block-wise targets) + the first sub-group's Hessian (or every sub-group's).
     first_groups = groups[:1] if config.true_sequential else groups
     need_targets = config.blockwise and config.blockwise_epochs > 0
     # Without targets to keep, the first pass can stop as soon as the first sub-group has seen its input.
     stop_first = None if (need_targets or not config.true_sequential) else groups[0][-1]
+    t_pass = time.perf_counter()
     accs, targets = _collect_hessians(
         block, linears, first_groups, inputs, device, block_name=block_name, keep_outputs=need_targets,
-        stop_after=stop_first,
+        stop_after=stop_first, compute_dtype=compute_dtype,
     )
+    timing["passes"] += time.perf_counter() - t_pass
     for group in first_groups:
         solve_group(group, accs)
     if config.true_sequential:
         for group in groups[1:]:
             live = {n: fake.get(n, linears[n]) for n in linears}
             live.update({n: linears[n] for n in group})
+            t_pass = time.perf_counter()
             accs, _ = _collect_hessians(
-                block, live, [group], inputs, device, block_name=block_name, keep_outputs=False, stop_after=group[-1]
+                block, live, [group], inputs, device, block_name=block_name, keep_outputs=False, stop_after=group[-1],
+                compute_dtype=compute_dtype, replay=replay, quantized=set(fake),
             )
+            timing["passes"] += time.perf_counter() - t_pass
             solve_group(group, accs)
     stats["layerwise_loss"] = sum(stats["layers"].values()) / max(len(stats["layers"]), 1)
 
+    stats["seconds_calibration_passes"] = timing["passes"]
+    stats["seconds_solve"] = timing["solve"]
+    refined_outputs = None
     if need_targets:
+        t_refine = time.perf_counter()
         orig_dtype = next(block.parameters()).dtype
+        initial_loss = None
+        if replay is not None and orig_dtype == torch.float32:
+            # The loss before training, with the recorded attention outputs replayed (refine_block would run the
+            # whole block once more for it; this is the same computation, so the same number).
+            with replay.active(set(fake), record=False):
+                before = _forward_all(block, inputs, device, compute_dtype=compute_dtype, replay=replay)
+            initial_loss = sum(float(F.mse_loss(o.float(), t.float())) for o, t in zip(before, targets)) / len(before)
+            del before
         block.float()
         result = refine_block(
             block,
@@ -352,23 +516,106 @@ def quantize_block(
             weight_decay=config.blockwise_weight_decay,
             train_norms=config.train_norms,
             seed=config.seed + block_index,
+            autocast_dtype=compute_dtype,
+            return_outputs=replay is not None,
+            micro_batch=1,  # one Adam step per calibration window, whatever the forward batch size
+            initial_loss=initial_loss,
         )
+        refined_outputs = result.outputs
         block.to(orig_dtype)
         stats["blockwise_initial_mse"] = result.initial_loss
         stats["blockwise_final_mse"] = result.final_loss
+        stats["seconds_blockwise"] = time.perf_counter() - t_refine
         logger.info(
             "%s: block-wise MSE %.6g -> %.6g", block_name, result.initial_loss, result.final_loss
         )
         del targets
 
+    same_as_recorded = not need_targets
+    same_as_trained = need_targets
     for name, fq in fake.items():
         original = originals[name]
         packed = DecoupleQLinear.from_linear(original, fq.to_result(), dtype=original.weight.dtype)
         if fq.bias is not None and original.bias is not None:
             packed.bias.copy_(fq.bias.detach().to(packed.bias.dtype))
-        set_submodule(block, name, packed.to(device))
+        packed = packed.to(device)
+        set_submodule(block, name, packed)
+        same = _same_fake(fq, fake_from_packed(packed))
+        same_as_recorded = same_as_recorded and same
+        same_as_trained = same_as_trained and same
+    if replay is not None:
+        # The block-wise stage's final evaluation ran exactly the packed values (float32 models): its outputs are
+        # the next block's inputs, bit for bit what forward_quantized_block would compute.
+        if same_as_trained and refined_outputs is not None and next(block.parameters()).dtype == torch.float32:
+            replay.final_outputs = refined_outputs
+        # The recorded outputs came from these fake-quant layers; the next block's inputs are computed from the
+        # packed ones (see forward_quantized_block), so replay there only if both give the very same weights.
+        replay.final_forward_ok = same_as_recorded
     stats["seconds"] = time.perf_counter() - t0
+    logger.debug(
+        "%s: %.1f s (calibration passes %.1f s, solver %.1f s, block-wise %.1f s)", block_name, stats["seconds"],
+        timing["passes"], timing["solve"], stats.get("seconds_blockwise", 0.0),
+    )  # fmt: skip
     return stats
+
+
+def fake_from_packed(packed: DecoupleQLinear) -> FakeQuantLinear:
+    """A `FakeQuantLinear` with exactly the packed module's codes, scales, zeros and bias (float32)."""
+    bias = None if packed.bias is None else packed.bias.detach().float()
+    return FakeQuantLinear(
+        packed._codes().contiguous(),
+        packed.scales.detach().float().T,
+        packed.zeros.detach().float().T,
+        packed.effective_group_size,
+        packed.bits,
+        bias=bias,
+    )
+
+
+def _same_fake(a: FakeQuantLinear, b: FakeQuantLinear) -> bool:
+    return all(
+        _same(x, y)
+        for x, y in (
+            (a.codes, b.codes),
+            (a.scales.detach(), b.scales.detach()),
+            (a.zeros.detach(), b.zeros.detach()),
+            (None if a.bias is None else a.bias.detach().float(), None if b.bias is None else b.bias.detach()),
+        )
+    )
+
+
+@torch.no_grad()
+def forward_quantized_block(
+    block: nn.Module,
+    inputs: BlockInputs,
+    device: torch.device,
+    compute_dtype: torch.dtype | None = None,
+    replay: ChildReplay | None = None,
+) -> list[torch.Tensor]:
+    """The next block's inputs: `block` run with each `DecoupleQLinear` as a float32 fake-quant copy of its packed
+    tensors (one dense weight per layer instead of a dequantization per call). A freshly quantized block and one
+    restored from a checkpoint give bit-identical outputs, since both are computed from the packed tensors."""
+    if replay is not None and replay.final_outputs is not None:
+        return replay.final_outputs
+    packed = {name: m for name, m in block.named_modules() if isinstance(m, DecoupleQLinear)}
+    for name, module in packed.items():
+        fq = fake_from_packed(module)
+        dense = fq.dequantize().detach()
+        fq.forward = functools.partial(_dense_forward, dense, fq.bias)
+        set_submodule(block, name, fq)
+    try:
+        if replay is not None and replay.final_forward_ok:
+            with replay.active(replay.upstream_all(), record=False):
+                return _forward_all(block, inputs, device, compute_dtype=compute_dtype, replay=replay)
+        return _forward_all(block, inputs, device, compute_dtype=compute_dtype)
+    finally:
+        for name, module in packed.items():
+            set_submodule(block, name, module)
+
+
+def _dense_forward(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    # Same math as FakeQuantLinear.forward, with the dequantized weight computed once.
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 def _compute_device(config: DecoupleQConfig, block: nn.Module) -> torch.device:
@@ -417,6 +664,7 @@ def quantize_model(model: nn.Module, config: DecoupleQConfig, tokenizer: Any = N
             fingerprint=config.result_fingerprint(),
             model_id=_model_identity(model, len(blocks)),
         )
+    compute_dtype = _calibration_dtype(config, model)
     was_training = model.training
     model.eval()
     block_stats: list[dict[str, Any]] = []
@@ -433,19 +681,22 @@ def quantize_model(model: nn.Module, config: DecoupleQConfig, tokenizer: Any = N
             device = _compute_device(config, block)
             offloaded = _materialize_block(block, device, block_name)
             block.to(device)
+            replay = ChildReplay(block, [], len(inputs.hidden))
             if store is not None and store.has(index):
                 store.load_block(index, block, bits=config.bits, group_size=config.group_size)
                 stats = store.stats(index)
                 logger.info("%s: restored from %s", block_name, config.checkpoint_dir)
             else:
                 stats = quantize_block(
-                    block, inputs, config, block_name=block_name, block_index=index, skip=skip, device=device
+                    block, inputs, config, block_name=block_name, block_index=index, skip=skip, device=device,
+                    compute_dtype=compute_dtype, replay=replay,
                 )
                 if store is not None:
                     store.save_block(index, block, stats)
             block_stats.append(stats)
             if index + 1 < len(blocks):
-                outputs = _forward_all(block, inputs, device)
+                outputs = forward_quantized_block(block, inputs, device, compute_dtype=compute_dtype, replay=replay)
+                del replay
                 for out in outputs:
                     _check_finite(out, f"the outputs of quantized {block_name}")
                 inputs = BlockInputs(outputs, inputs.kwargs)

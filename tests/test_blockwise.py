@@ -141,6 +141,20 @@ def test_refine_block_lowers_output_error_and_keeps_codes(llama_parts):
     assert {n: p.requires_grad for n, p in qlayer.named_parameters()} == flags_before
 
 
+def test_refine_block_returns_the_trained_blocks_outputs(llama_parts):
+    layer, inputs, targets, kwargs = llama_parts
+    qlayer = _quantize_layer(layer, inputs, kwargs)
+    res = refine_block(qlayer, inputs, targets, kwargs, lr=1e-3, epochs=2, seed=0, return_outputs=True)
+    assert not res.restored and res.outputs is not None and len(res.outputs) == len(inputs)
+    with torch.no_grad():
+        for x, out in zip(inputs, res.outputs):
+            ref = qlayer(x, **kwargs)
+            assert torch.equal(out, ref[0] if isinstance(ref, tuple) else ref)
+    # Restored (training made it worse): no outputs, the caller must recompute them.
+    worse = refine_block(qlayer, inputs, targets, kwargs, lr=10.0, epochs=1, return_outputs=True)
+    assert worse.restored and worse.outputs is None
+
+
 def test_refine_block_is_deterministic_and_respects_flags(llama_parts):
     layer, inputs, targets, kwargs = llama_parts
     qlayer = _quantize_layer(layer, inputs, kwargs)

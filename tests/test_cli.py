@@ -285,6 +285,7 @@ NON_DEFAULT = {
     "dataset": ("self", "self"),
     "tokenizer": ("some/tokenizer", "some/tokenizer"),
     "batch_size": ("2", 2),
+    "calibration_dtype": ("bfloat16", "bfloat16"),
     "checkpoint_dir": ("ckpt", "ckpt"),
     "device": ("cpu", "cpu"),
 }

@@ -39,9 +39,10 @@ def test_same_settings_and_seed_give_identical_tensors(tiny_checkpoint):
     assert_same_state(packed_state(load(src)), packed_state(load(src)))
 
 
-def test_resume_after_interruption_is_bit_exact(tiny_checkpoint, tmp_path, monkeypatch):
+@pytest.mark.parametrize("blockwise", [True, False])  # without it, the fresh run replays the attention outputs
+def test_resume_after_interruption_is_bit_exact(tiny_checkpoint, tmp_path, monkeypatch, blockwise):
     src = tiny_checkpoint("llama")
-    reference = packed_state(load(src))
+    reference = packed_state(load(src, blockwise=blockwise))
 
     ckpt = tmp_path / "ckpt"
     real = pipeline.quantize_block
@@ -55,14 +56,14 @@ def test_resume_after_interruption_is_bit_exact(tiny_checkpoint, tmp_path, monke
 
     monkeypatch.setattr(pipeline, "quantize_block", crash_on_second_block)
     with pytest.raises(KeyboardInterrupt):
-        load(src, checkpoint_dir=str(ckpt))
+        load(src, checkpoint_dir=str(ckpt), blockwise=blockwise)
     assert calls == [0, 1]
     assert (ckpt / "block_00000.safetensors").exists() and not (ckpt / "block_00001.safetensors").exists()
 
     calls.clear()
     monkeypatch.setattr(pipeline, "quantize_block", lambda *a, block_index, **kw: calls.append(block_index) or real(
         *a, block_index=block_index, **kw))
-    resumed = load(src, checkpoint_dir=str(ckpt))
+    resumed = load(src, checkpoint_dir=str(ckpt), blockwise=blockwise)
     assert calls == [1]  # block 0 came from the checkpoint directory
     assert_same_state(packed_state(resumed), reference)
 

@@ -110,6 +110,24 @@ def test_hessian_accumulator_masks_padding_and_matches_float64():
     torch.testing.assert_close(fast.hessian(), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("matmul_dtype", [torch.float64, torch.float32])
+def test_hessian_accumulator_wide_layers_use_the_triangle_and_stay_exact(matmul_dtype):
+    # From 1024 input features on, each batch adds only the upper block triangle (in panels); hessian() mirrors it.
+    k = 1100  # not a multiple of the panel width
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(40, k, generator=g), torch.randn(2, 9, k, generator=g).to(torch.bfloat16)]
+    acc = HessianAccumulator(k, matmul_dtype=matmul_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as in a calibration pass: must not lower the product
+        for x in xs:
+            acc.add(x)
+    kept = torch.cat([x.double().reshape(-1, k) for x in xs])
+    ref = kept.T @ kept / kept.shape[0]
+    h = acc.hessian()
+    tol = 1e-12 if matmul_dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(h, ref, rtol=tol, atol=tol)
+    assert torch.equal(h, h.T)
+
+
 def test_hessian_accumulator_errors():
     acc = HessianAccumulator(4, name="model.layers.0.q_proj")
     with pytest.raises(DecoupleQNumericalError, match="q_proj.*no calibration tokens"):

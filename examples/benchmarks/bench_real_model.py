@@ -136,6 +136,8 @@ def run_protocol(args: argparse.Namespace, method: str, calib_sha256: str | None
             seed=args.seed,
             calib_sha256=calib_sha256,
         )
+    if method in DECOUPLEQ_METHODS:
+        proto.update(batch_size=args.batch_size, calibration_dtype=args.calibration_dtype)
     if method == "decoupleq":
         proto["blockwise_epochs"] = args.blockwise_epochs
     if method == "autoround":
@@ -203,6 +205,8 @@ def quantize_decoupleq(model, tokenizer, windows, setting: Setting, method: str,
         seq_len=args.calib_seq_len,
         seed=args.seed,
         blockwise_epochs=args.blockwise_epochs,
+        batch_size=args.batch_size,
+        calibration_dtype=None if args.calibration_dtype == "model" else args.calibration_dtype,
         device=args.device,
         **DECOUPLEQ_METHODS[method],
     )
@@ -441,6 +445,16 @@ def table_rows(records: list[dict[str, Any]], protocols: dict[str, dict[str, Any
     return list(ok.values()) + list(failed.values())
 
 
+# glibc returns every large (> 128 KiB) tensor to the OS on free and page-faults it in again on the next
+# allocation; on a 2-core CPU that costs about a quarter of a calibration pass. Every run (AutoRound's too) gets
+# these settings, which keep freed memory in the process instead (the README's performance notes say the same).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34), "MALLOC_TOP_PAD_": str(1 << 30)}
+
+
+def worker_env() -> dict[str, str]:
+    return {**os.environ, **MALLOC_ENV}
+
+
 def run_worker_process(args: argparse.Namespace, key: str, record_path: Path, log_path: Path) -> tuple[int, str]:
     """Run one worker subprocess; its output goes to ``log_path`` and to our stderr. Returns (rc, output tail)."""
     cmd = [
@@ -456,6 +470,8 @@ def run_worker_process(args: argparse.Namespace, key: str, record_path: Path, lo
         "--calib-seq-len", str(args.calib_seq_len),
         "--seed", str(args.seed),
         "--blockwise-epochs", str(args.blockwise_epochs),
+        "--batch-size", str(args.batch_size),
+        "--calibration-dtype", args.calibration_dtype,
         "--autoround-recipe", args.autoround_recipe,
         "--out", str(args.out),
     ]  # fmt: skip
@@ -472,7 +488,7 @@ def run_worker_process(args: argparse.Namespace, key: str, record_path: Path, lo
     tail = b""
     timed_out = threading.Event()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=worker_env())
         # A watchdog rather than wait(timeout): the run may hang while still holding the pipe open.
         watchdog = None
         if args.run_timeout:
@@ -641,6 +657,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "transformers": version("transformers"),
         "hf_decoupleq": version("hf-decoupleq"),
         "auto_round": version("auto-round"),
+        "malloc_env": MALLOC_ENV,
     }
 
 
@@ -749,6 +766,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated subset of {','.join(METHODS)} (default: all)",
     )
     p.add_argument("--eval-windows", type=int, default=40, help="WikiText-2 test windows of 2048 tokens (default 40)")
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="calibration windows per forward pass, decoupleQ-family runs (default 8)"
+    )
+    p.add_argument(
+        "--calibration-dtype",
+        choices=("model", "bfloat16", "float32"),
+        default="bfloat16",
+        help="DecoupleQConfig.calibration_dtype of the decoupleQ-family runs ('model': the model's float32; "
+        "default bfloat16: autocast forwards, float32/float64 solver)",
+    )
     p.add_argument("--num-samples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")

@@ -27,6 +27,8 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CPU_INT4_GROUPS = (32, 64, 128, 256)
 # The generic PyTorch path uses the grouped formula up to this many rows, one dequantized temporary above.
 _GROUPED_MAX_M = 16
+# Above this many rows the CPU int4 kernel loses to one dequantized weight + a dense GEMM (prefill, calibration).
+_INT4_MAX_M = 1024
 # Codes converted to float per chunk of output columns (~1 MiB of fp32: stays in L2).
 _CHUNK_ELEMS = 1 << 18
 
@@ -293,7 +295,7 @@ class DecoupleQLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def _forward_torch(self, x2: torch.Tensor) -> torch.Tensor:
-        if x2.device.type == "cpu" and self._cpu_int4_ok(
+        if x2.device.type == "cpu" and x2.shape[0] <= _INT4_MAX_M and self._cpu_int4_ok(
             torch.bfloat16 if torch.bfloat16 in (x2.dtype, self.dtype) else x2.dtype
         ):
             packed, scale_zero = self._cpu_int4_operands()

@@ -67,6 +67,7 @@ class FakeQuantLinear(nn.Module):
         self.zeros = nn.Parameter(zeros.detach().float().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._loss: torch.Tensor | None = None
+        self._dense: tuple[tuple, torch.Tensor] | None = None
 
     @classmethod
     def from_result(cls, result: QuantResult, bias: torch.Tensor | None = None) -> FakeQuantLinear:
@@ -87,7 +88,13 @@ class FakeQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize().to(x.dtype), bias)
+        if torch.is_grad_enabled():
+            return F.linear(x, self.dequantize().to(x.dtype), bias)
+        # Without autograd (calibration passes) the dense weight is reused until scales/zeros change.
+        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in (self.scales, self.zeros, self.codes))
+        if self._dense is None or self._dense[0] != key:
+            self._dense = (key, self.dequantize().detach())
+        return F.linear(x, self._dense[1].to(x.dtype), bias)
 
     def to_result(self) -> QuantResult:
         """The current state as a :class:`QuantResult`: same codes, current scales/zeros, the solver's old loss
@@ -121,12 +128,15 @@ class BlockwiseResult:
         epoch_losses: mean training MSE of each epoch.
         final_loss: mean MSE over all batches after training (equal to ``initial_loss`` if restored).
         restored: training made things worse (or diverged) and the initial parameters were put back.
+        outputs: with ``return_outputs=True`` and training kept, the block's outputs per batch (CPU, detached) from
+            the final evaluation, i.e. the outputs of the trained block.
     """
 
     initial_loss: float
     epoch_losses: list[float] = field(default_factory=list)
     final_loss: float = math.nan
     restored: bool = False
+    outputs: list[torch.Tensor] | None = field(default=None, repr=False)
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
@@ -141,6 +151,33 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, Mapping):
         return {key: _to_device(v, device) for key, v in obj.items()}
     return obj
+
+
+def _split_kwargs(obj: Any, batch: int, start: int, stop: int) -> Any:
+    if torch.is_tensor(obj):
+        return obj[start:stop] if obj.dim() >= 2 and obj.shape[0] == batch else obj
+    if isinstance(obj, tuple):
+        return tuple(_split_kwargs(o, batch, start, stop) for o in obj)
+    if isinstance(obj, list):
+        return [_split_kwargs(o, batch, start, stop) for o in obj]
+    if isinstance(obj, Mapping):
+        return {key: _split_kwargs(v, batch, start, stop) for key, v in obj.items()}
+    return obj
+
+
+def _micro_batches(
+    inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], kwargs_list: Sequence[Any], size: int | None
+) -> list[tuple[torch.Tensor, torch.Tensor, Any]]:
+    """(input, target, kwargs) per optimizer step: the batches themselves, or slices of `size` samples of each."""
+    if size is None:
+        return list(zip(inputs, targets, kwargs_list))
+    out = []
+    for x, t, kw in zip(inputs, targets, kwargs_list):
+        n = x.shape[0]
+        for start in range(0, n, size):
+            stop = min(n, start + size)
+            out.append((x[start:stop], t[start:stop], _split_kwargs(kw, n, start, stop) if n > size else kw))
+    return out
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -176,6 +213,10 @@ def refine_block(
     train_bias: bool = False,
     seed: int = 0,
     grad_clip: float | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    return_outputs: bool = False,
+    micro_batch: int | None = None,
+    initial_loss: float | None = None,
 ) -> BlockwiseResult:
     """Minimize ``MSE(block(inputs), targets)`` over the block's scales, zeros and norms (Eq. 2), codes frozen.
 
@@ -191,6 +232,15 @@ def refine_block(
         train_bias: also train parameters named ``bias``.
         seed: seeds the batch order (a private ``torch.Generator``).
         grad_clip: optional max gradient norm.
+        autocast_dtype: run the block's forward (and so its backward) under ``torch.autocast`` to this dtype
+            (e.g. bfloat16 on CPUs with native bf16 matmuls); parameters, optimizer state and the loss stay float32.
+        micro_batch: take one optimizer step per this many samples: each batch is split along its first dimension
+            (inputs, targets, and keyword tensors whose first dimension is the batch's), so the number of steps does
+            not depend on how the calibration data was batched. ``None``: one step per batch.
+        initial_loss: the loss before training, if the caller already knows it (skips one evaluation pass); it
+            must be this function's own definition, the mean over batches of each batch's MSE.
+        return_outputs: keep the block's outputs of the final evaluation in the result (saves a caller that needs
+            them, like the next block's calibration inputs, one more forward pass).
 
     Returns:
         A :class:`BlockwiseResult`. The block is left with the trained parameters, or with the initial ones if
@@ -209,6 +259,9 @@ def refine_block(
         raise DecoupleQConfigError(f"epochs={epochs!r} must be an int >= 0")
     if not (lr > 0 and math.isfinite(lr)):
         raise DecoupleQConfigError(f"lr={lr!r} must be a positive finite float")
+    if micro_batch is not None and not (isinstance(micro_batch, int) and micro_batch >= 1):
+        raise DecoupleQConfigError(f"micro_batch={micro_batch!r} must be None or an int >= 1")
+    steps = _micro_batches(inputs, targets, kwargs_list, micro_batch)
 
     params = _trainable(block, train_norms, train_bias)
     first_param = next(block.parameters(), None)
@@ -217,15 +270,22 @@ def refine_block(
     was_training = block.training
     snapshot = [p.detach().clone() for p in params]
 
-    def batch_loss(i: int) -> torch.Tensor:
-        x = inputs[i].to(device=device, dtype=torch.float32)
-        kw = _to_device(kwargs_list[i], device)
-        out = _first(block(x, **kw)).float()
-        return F.mse_loss(out, targets[i].to(device=device, dtype=torch.float32))
+    def batch_loss(i: int, keep: list[torch.Tensor] | None = None, batches=None) -> torch.Tensor:
+        x_i, t_i, kw_i = (inputs[i], targets[i], kwargs_list[i]) if batches is None else batches[i]
+        x = x_i.to(device=device, dtype=torch.float32)
+        kw = _to_device(kw_i, device)
+        if autocast_dtype is None:
+            out = _first(block(x, **kw)).float()
+        else:
+            with torch.autocast(device_type=device.type, dtype=autocast_dtype):
+                out = _first(block(x, **kw)).float()
+        if keep is not None:
+            keep.append(out.detach().to("cpu"))
+        return F.mse_loss(out, t_i.to(device=device, dtype=torch.float32))
 
-    def evaluate() -> float:
+    def evaluate(keep: list[torch.Tensor] | None = None) -> float:
         with torch.no_grad():
-            return sum(float(batch_loss(i)) for i in range(nb)) / nb
+            return sum(float(batch_loss(i, keep)) for i in range(nb)) / nb
 
     epoch_losses: list[float] = []
     restored = False
@@ -233,7 +293,7 @@ def refine_block(
         block.eval()  # no dropout: the objective is deterministic
         for p in block.parameters():
             p.requires_grad_(False)
-        initial = evaluate()
+        initial = evaluate() if initial_loss is None else float(initial_loss)
         if not params or epochs == 0:
             return BlockwiseResult(initial_loss=initial, epoch_losses=[], final_loss=initial)
         for p in params:
@@ -244,9 +304,9 @@ def refine_block(
         with torch.enable_grad():
             for _ in range(epochs):
                 total = 0.0
-                for i in torch.randperm(nb, generator=gen).tolist():
+                for i in torch.randperm(len(steps), generator=gen).tolist():
                     opt.zero_grad(set_to_none=True)
-                    loss = batch_loss(i)
+                    loss = batch_loss(i, batches=steps)
                     if not torch.isfinite(loss):
                         diverged = True
                         break
@@ -257,9 +317,11 @@ def refine_block(
                     total += float(loss.detach())
                 if diverged:
                     break
-                epoch_losses.append(total / nb)
-        final = math.inf if diverged else evaluate()
+                epoch_losses.append(total / len(steps))
+        final_outputs: list[torch.Tensor] | None = [] if return_outputs else None
+        final = math.inf if diverged else evaluate(final_outputs)
         if not final <= initial:
+            final_outputs = None
             with torch.no_grad():
                 for p, saved in zip(params, snapshot):
                     p.copy_(saved)
@@ -271,7 +333,9 @@ def refine_block(
             restored = True
         else:
             logger.debug("block-wise refinement: loss %.4g -> %.4g", initial, final)
-        return BlockwiseResult(initial_loss=initial, epoch_losses=epoch_losses, final_loss=final, restored=restored)
+        return BlockwiseResult(
+            initial_loss=initial, epoch_losses=epoch_losses, final_loss=final, restored=restored, outputs=final_outputs
+        )
     finally:
         for p in block.parameters():
             p.requires_grad_(flags.get(id(p), p.requires_grad))
