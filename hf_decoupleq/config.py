@@ -15,7 +15,7 @@ QUANT_METHOD = "decoupleq"
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_METHODS = ("decoupleq", "gptq", "rtn")
 KNOWN_DATASETS = ("wikitext2", "c4", "pile", "self")
-BLOCKWISE_OPTIMIZERS = ("adam",)
+BLOCKWISE_OPTIMIZERS = ("adam", "signsgd")
 
 # Fields that change the numbers a run produces. A resume directory written with different values is refused.
 RESULT_FIELDS = (
@@ -31,6 +31,7 @@ RESULT_FIELDS = (
     "blockwise_epochs",
     "blockwise_lr",
     "blockwise_weight_decay",
+    "blockwise_optimizer",
     "train_norms",
     "num_samples",
     "seq_len",
@@ -40,6 +41,7 @@ RESULT_FIELDS = (
     "dataset",
     "batch_size",
     "calibration_dtype",
+    "incoherence",
     "format_version",
 )
 
@@ -107,6 +109,9 @@ class DecoupleQConfig(QuantizationConfigMixin):
         blockwise (`bool`, defaults to True): run the block-wise stage (Eq. 2) after each block's layer-wise stage.
         blockwise_epochs (`int`, defaults to 4), blockwise_lr (`float`, defaults to 1e-5),
         blockwise_weight_decay (`float`, defaults to 0.0): Adam settings of the block-wise stage.
+        blockwise_optimizer (`str`, defaults to "adam"): "adam" (the paper's block-wise stage) or "signsgd"
+            (SignRound-style signed gradient steps with a linearly decaying step size; `blockwise_lr` is then the
+            step relative to each group's quantization step, e.g. 5e-3).
         train_norms (`bool`, defaults to True): also train the block's norm weights in the block-wise stage.
         num_samples (`int`, defaults to 128), seq_len (`int`, defaults to 2048): calibration windows.
         seed (`int`, defaults to 0): seeds window sampling and block-wise batch order.
@@ -124,6 +129,9 @@ class DecoupleQConfig(QuantizationConfigMixin):
             solver itself always works in float32/float64 and the stored scales keep the model's dtype. `None` (the
             default) computes in the model's own dtype. On CPUs with AVX512-BF16/AMX, "bfloat16" makes quantizing
             a float32 model about 2-3x faster; see the README for its measured effect on accuracy.
+        incoherence (`bool`, defaults to False): QuIP-style incoherence processing: a seeded randomized Hadamard
+            transform on the input side of each quantized linear (`W -> W V^T`, `H -> V H V^T`), undone at
+            inference by transforming the activations.
         checkpoint_dir (`str`, *optional*): save each finished block there atomically and resume from it.
         device (`str`, *optional*): device to solve on (default: CUDA if available, else where the block is).
         format_version (`int`): version of the packed format; written by this library, checked on load.
@@ -143,6 +151,7 @@ class DecoupleQConfig(QuantizationConfigMixin):
         blockwise_epochs: int = 4,
         blockwise_lr: float = 1e-5,
         blockwise_weight_decay: float = 0.0,
+        blockwise_optimizer: str = "adam",
         train_norms: bool = True,
         num_samples: int = 128,
         seq_len: int = 2048,
@@ -153,6 +162,7 @@ class DecoupleQConfig(QuantizationConfigMixin):
         tokenizer: Any = None,
         batch_size: int = 1,
         calibration_dtype: str | None = None,
+        incoherence: bool = False,
         checkpoint_dir: str | None = None,
         device: str | None = None,
         format_version: int = FORMAT_VERSION,
@@ -178,6 +188,7 @@ class DecoupleQConfig(QuantizationConfigMixin):
         self.blockwise_epochs = blockwise_epochs
         self.blockwise_lr = blockwise_lr
         self.blockwise_weight_decay = blockwise_weight_decay
+        self.blockwise_optimizer = blockwise_optimizer
         self.train_norms = train_norms
         self.num_samples = num_samples
         self.seq_len = seq_len
@@ -188,6 +199,7 @@ class DecoupleQConfig(QuantizationConfigMixin):
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.calibration_dtype = _dtype_name(calibration_dtype)
+        self.incoherence = incoherence
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.device = None if device is None else str(device)
         self.format_version = format_version
@@ -213,7 +225,8 @@ class DecoupleQConfig(QuantizationConfigMixin):
             fail("bits", f"use one of {list(SUPPORTED_BITS)}")
         if not is_int(self.group_size) or not (self.group_size == -1 or self.group_size >= 1):
             fail("group_size", "use a positive integer (e.g. 32, 64, 128) or -1 for per-channel")
-        for flag in ("symmetric", "act_order", "integer_zero", "blockwise", "train_norms", "true_sequential"):
+        flags = ("symmetric", "act_order", "integer_zero", "blockwise", "train_norms", "true_sequential", "incoherence")
+        for flag in flags:
             if not isinstance(getattr(self, flag), bool):
                 fail(flag, "use True or False")
         if not is_int(self.rounds) or self.rounds < 0:
@@ -222,6 +235,8 @@ class DecoupleQConfig(QuantizationConfigMixin):
             fail("damp", "use a float in (0, 1), e.g. 0.01")
         if self.method not in SUPPORTED_METHODS:
             fail("method", f"use one of {list(SUPPORTED_METHODS)}")
+        if self.blockwise_optimizer not in BLOCKWISE_OPTIMIZERS:
+            fail("blockwise_optimizer", f"use one of {list(BLOCKWISE_OPTIMIZERS)}")
         if not is_int(self.blockwise_epochs) or self.blockwise_epochs < 0:
             fail("blockwise_epochs", "use an integer >= 0")
         for field in ("blockwise_lr", "blockwise_weight_decay"):
