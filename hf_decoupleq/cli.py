@@ -111,7 +111,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             kwargs.update(nargs="*", metavar="NAME", help=f"{text} Give the flag alone to convert every module.")
         else:
             # bool is handled above; int/float defaults give their type, everything else is a string.
-            kind = type(default) if isinstance(default, (int, float)) else str
+            if isinstance(default, (int, float)):
+                kind = type(default)
+            else:  # an optional number ("float | None") keeps its number type
+                kind = float if annotation.startswith("float") else int if annotation.startswith("int") else str
             metavar = {int: "N", float: "X"}.get(kind, "VALUE")
             kwargs.update(type=kind, metavar=metavar, help=text)
         group.add_argument(_flag(field), **kwargs)

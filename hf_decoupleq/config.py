@@ -16,6 +16,8 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_METHODS = ("decoupleq", "gptq", "rtn")
 KNOWN_DATASETS = ("wikitext2", "c4", "pile", "self")
 BLOCKWISE_OPTIMIZERS = ("adam", "signsgd")
+# blockwise_lr=None means: Adam at the paper's 1e-5; SignSGD at AutoRound's 5e-3 (relative to the scales).
+DEFAULT_BLOCKWISE_LR = {"adam": 1e-5, "signsgd": 5e-3}
 
 # Fields that change the numbers a run produces. A resume directory written with different values is refused.
 RESULT_FIELDS = (
@@ -107,11 +109,13 @@ class DecoupleQConfig(QuantizationConfigMixin):
         method (`str`, defaults to "decoupleq"): "decoupleq", or the baselines "gptq" / "rtn" from the same machinery.
         integer_zero (`bool`, defaults to False): restrict zeros to the integer grid (GPTQ-format compatible).
         blockwise (`bool`, defaults to True): run the block-wise stage (Eq. 2) after each block's layer-wise stage.
-        blockwise_epochs (`int`, defaults to 4), blockwise_lr (`float`, defaults to 1e-5),
-        blockwise_weight_decay (`float`, defaults to 0.0): Adam settings of the block-wise stage.
+        blockwise_epochs (`int`, defaults to 4): passes over the calibration windows in the block-wise stage.
+        blockwise_lr (`float`, *optional*): its step size; `None` means the optimizer's default (Adam: 1e-5, the
+            paper's; SignSGD: 5e-3, relative to each group's initial scale, AutoRound's).
+        blockwise_weight_decay (`float`, defaults to 0.0): Adam weight decay of the block-wise stage.
         blockwise_optimizer (`str`, defaults to "adam"): "adam" (the paper's block-wise stage) or "signsgd"
-            (SignRound-style signed gradient steps with a linearly decaying step size; `blockwise_lr` is then the
-            step relative to each group's quantization step, e.g. 5e-3).
+            (SignRound-style signed gradient steps, linearly decaying: each scale and zero moves by
+            `lr * |initial scale|` per step, each norm weight by `lr * |its initial value|`).
         train_norms (`bool`, defaults to True): also train the block's norm weights in the block-wise stage.
         num_samples (`int`, defaults to 128), seq_len (`int`, defaults to 2048): calibration windows.
         seed (`int`, defaults to 0): seeds window sampling and block-wise batch order.
@@ -149,7 +153,7 @@ class DecoupleQConfig(QuantizationConfigMixin):
         integer_zero: bool = False,
         blockwise: bool = True,
         blockwise_epochs: int = 4,
-        blockwise_lr: float = 1e-5,
+        blockwise_lr: float | None = None,
         blockwise_weight_decay: float = 0.0,
         blockwise_optimizer: str = "adam",
         train_norms: bool = True,
@@ -239,10 +243,12 @@ class DecoupleQConfig(QuantizationConfigMixin):
             fail("blockwise_optimizer", f"use one of {list(BLOCKWISE_OPTIMIZERS)}")
         if not is_int(self.blockwise_epochs) or self.blockwise_epochs < 0:
             fail("blockwise_epochs", "use an integer >= 0")
-        for field in ("blockwise_lr", "blockwise_weight_decay"):
-            value = getattr(self, field)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                fail(field, "use a float >= 0")
+        lr = self.blockwise_lr
+        if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < float("inf")):
+            fail("blockwise_lr", "use a positive float, or None for the optimizer's default")
+        wd = self.blockwise_weight_decay
+        if not isinstance(wd, (int, float)) or isinstance(wd, bool) or wd < 0:
+            fail("blockwise_weight_decay", "use a float >= 0")
         for field in ("num_samples", "seq_len", "batch_size"):
             if not is_int(getattr(self, field)) or getattr(self, field) < 1:
                 fail(field, "use a positive integer")
@@ -266,6 +272,13 @@ class DecoupleQConfig(QuantizationConfigMixin):
                 f"hf-decoupleq supports format_version <= {FORMAT_VERSION}: upgrade hf-decoupleq "
                 "(pip install -U hf-decoupleq)"
             )
+
+    @property
+    def effective_blockwise_lr(self) -> float:
+        """`blockwise_lr`, or the default of `blockwise_optimizer` when it is None."""
+        if self.blockwise_lr is not None:
+            return float(self.blockwise_lr)
+        return DEFAULT_BLOCKWISE_LR[self.blockwise_optimizer]
 
     @property
     def effective_modules_to_not_convert(self) -> list[str]:

@@ -185,3 +185,49 @@ def test_refine_block_validates_arguments(llama_parts):
         refine_block(layer, inputs, targets[:2], kwargs)
     with pytest.raises(DecoupleQConfigError, match="forward_kwargs"):
         refine_block(layer, inputs, targets, [kwargs])
+
+
+def test_signsgd_first_step_moves_each_parameter_by_lr_times_its_unit(llama_parts):
+    # One step (epochs=1, one batch): every trained parameter moves by exactly lr * unit against its gradient's
+    # sign, with unit = |initial scale of the group| for scales and zeros, |initial value| for norm weights.
+    layer, inputs, targets, kwargs = llama_parts
+    qlayer = _quantize_layer(layer, inputs, kwargs)
+    probe = copy.deepcopy(qlayer)
+    x, t = inputs[0], targets[0]
+    out = probe(x, **kwargs)
+    F.mse_loss(out[0] if isinstance(out, tuple) else out, t).backward()
+    grads = {n: p.grad.clone() for n, p in probe.named_parameters() if p.grad is not None}
+    before = {n: p.detach().clone() for n, p in qlayer.named_parameters()}
+    lr = 0.01
+    refine_block(qlayer, inputs[:1], targets[:1], kwargs, lr=lr, epochs=1, optimizer="signsgd")
+    after = dict(qlayer.named_parameters())
+    checked = 0
+    for name, grad in grads.items():
+        if name.endswith(".scales") or name.endswith(".zeros"):
+            unit = before[name.rsplit(".", 1)[0] + ".scales"].abs()
+        elif "norm" in name:
+            unit = before[name].abs()
+        else:
+            continue
+        expected = before[name] - lr * unit * grad.sign()
+        if not torch.equal(after[name].detach(), before[name]):  # training kept (not restored)
+            torch.testing.assert_close(after[name].detach(), expected, rtol=1e-6, atol=1e-9)
+            checked += 1
+    assert checked > 0
+
+
+def test_signsgd_lowers_output_error_keeps_codes_and_rejects_bad_options(llama_parts):
+    layer, inputs, targets, kwargs = llama_parts
+    qlayer = _quantize_layer(layer, inputs, kwargs)
+    fq = {n: m for n, m in qlayer.named_modules() if isinstance(m, FakeQuantLinear)}
+    codes_before = {n: m.codes.clone() for n, m in fq.items()}
+    before = _mse(qlayer, inputs, targets, kwargs)
+    res = refine_block(qlayer, inputs, targets, kwargs, lr=5e-3, epochs=6, seed=0, optimizer="signsgd")
+    after = _mse(qlayer, inputs, targets, kwargs)
+    assert not res.restored and math.isclose(res.final_loss, after, rel_tol=1e-5)
+    assert after < 0.9 * before
+    assert all(torch.equal(m.codes, codes_before[n]) for n, m in fq.items())
+    with pytest.raises(DecoupleQConfigError, match="optimizer='sgd'"):
+        refine_block(qlayer, inputs, targets, kwargs, optimizer="sgd")
+    with pytest.raises(DecoupleQConfigError, match="weight_decay"):
+        refine_block(qlayer, inputs, targets, kwargs, optimizer="signsgd", weight_decay=0.1)

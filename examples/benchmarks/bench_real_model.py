@@ -51,13 +51,17 @@ import _common  # a sibling helper module, not an installed package
 logger = logging.getLogger("bench_real_model")
 
 # Cheapest first, so a run that is cut off has finished as many methods as possible.
-METHODS = ("fp32", "rtn", "gptq", "decoupleq-layerwise", "decoupleq", "autoround")
+METHODS = (
+    "fp32", "rtn", "gptq", "decoupleq-layerwise", "decoupleq", "decoupleq-signsgd", "decoupleq-incoherent", "autoround"
+)
 METHOD_LABELS = {
     "fp32": "fp32",
     "rtn": "RTN",
     "gptq": "GPTQ",
     "decoupleq-layerwise": "decoupleQ (layer-wise)",
     "decoupleq": "decoupleQ (full)",
+    "decoupleq-signsgd": "decoupleQ (full, SignSGD block-wise)",
+    "decoupleq-incoherent": "decoupleQ (full, incoherence)",
     "autoround": "AutoRound",
 }
 # Arguments of DecoupleQConfig per method (the baselines come from the same machinery).
@@ -66,6 +70,8 @@ DECOUPLEQ_METHODS = {
     "gptq": {"method": "gptq", "blockwise": False},
     "decoupleq-layerwise": {"method": "decoupleq", "blockwise": False},
     "decoupleq": {"method": "decoupleq", "blockwise": True},
+    "decoupleq-signsgd": {"method": "decoupleq", "blockwise": True, "blockwise_optimizer": "signsgd"},
+    "decoupleq-incoherent": {"method": "decoupleq", "blockwise": True, "incoherence": True},
 }
 DEFAULT_CONFIGS = "w2g64,w3g128,w4g128"
 FP32_SETTING = "fp32"
@@ -138,7 +144,7 @@ def run_protocol(args: argparse.Namespace, method: str, calib_sha256: str | None
         )
     if method in DECOUPLEQ_METHODS:
         proto.update(batch_size=args.batch_size, calibration_dtype=args.calibration_dtype)
-    if method == "decoupleq":
+    if DECOUPLEQ_METHODS.get(method, {}).get("blockwise"):
         proto["blockwise_epochs"] = args.blockwise_epochs
     if method == "autoround":
         proto["autoround"] = autoround_settings(args)
@@ -544,7 +550,7 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[str], settings: lis
             lines.append(f"| {METHOD_LABELS[method]} | {setting} | | | failed (rc {r.get('returncode')}) | | | |")
             continue
         name = METHOD_LABELS[method]
-        if method == "decoupleq":
+        if DECOUPLEQ_METHODS.get(method, {}).get("blockwise"):
             name += f", {r['protocol'].get('blockwise_epochs')} ep."
         if method == "autoround":
             ar = r["protocol"]["autoround"]

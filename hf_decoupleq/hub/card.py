@@ -41,8 +41,10 @@ _SETTINGS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Alternation rounds", ("rounds", "layerwise.rounds")),
     ("Hessian dampening", ("damp", "damp_percent", "layerwise.damp")),
     ("True-sequential", ("true_sequential", "layerwise.true_sequential", "blockwise.true_sequential")),
+    ("Incoherence processing (randomized Hadamard)", ("incoherence",)),
 )
 _BLOCKWISE: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Block-wise optimizer", ("blockwise.optimizer", "blockwise_optimizer")),
     ("Block-wise epochs", ("blockwise.epochs", "blockwise_epochs")),
     ("Block-wise learning rate", ("blockwise.lr", "blockwise_lr")),
     ("Block-wise trains norm weights", ("blockwise.train_norms", "train_norms")),
@@ -144,6 +146,10 @@ def _settings(flat: Mapping[str, Any]) -> list[tuple[str, str]]:
     else:
         for label, keys in _BLOCKWISE:
             value = _lookup(flat, keys)
+            if value is None and label == "Block-wise learning rate" and "blockwise_lr" in flat:
+                from ..config import DEFAULT_BLOCKWISE_LR  # None: the optimizer's default
+
+                value = DEFAULT_BLOCKWISE_LR.get(_lookup(flat, ("blockwise_optimizer",)) or "adam")
             if value is not None:
                 rows.append((label, _fmt(value)))
     for label, keys in _TAIL:

@@ -200,6 +200,45 @@ def _trainable(block: nn.Module, train_norms: bool, train_bias: bool) -> list[nn
     return [p for p in params.values() if p.is_floating_point()]
 
 
+def _sign_units(block: nn.Module, params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
+    """The step unit of each parameter for SignSGD: a group's quantization step for its scale and zero, the
+    magnitude of the initial value for everything else (a tiny floor keeps exact zeros movable)."""
+    units: dict[int, torch.Tensor] = {}
+    for module in block.modules():
+        if isinstance(module, FakeQuantLinear):
+            step = module.scales.detach().abs().clone()
+            units[id(module.scales)] = step
+            units[id(module.zeros)] = step
+    out = []
+    for p in params:
+        unit = units.get(id(p))
+        if unit is None:
+            mag = p.detach().abs()
+            unit = mag.clamp_min(1e-3 * float(mag.mean()) if mag.numel() and float(mag.mean()) > 0 else 1e-8)
+        out.append(unit)
+    return out
+
+
+class _SignSGD:
+    """``p -= lr_t * unit * sign(grad)``, with ``lr_t`` decaying linearly from ``lr`` to 0 over ``total_steps``."""
+
+    def __init__(self, params: Sequence[nn.Parameter], units: Sequence[torch.Tensor], lr: float, total_steps: int):
+        self.params, self.units, self.lr = list(params), list(units), lr
+        self.total, self.done = max(total_steps, 1), 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        lr_t = self.lr * (1.0 - self.done / self.total)
+        for p, unit in zip(self.params, self.units):
+            if p.grad is not None:
+                p.sub_(lr_t * unit * p.grad.sign())
+        self.done += 1
+
+
 def refine_block(
     block: nn.Module,
     inputs: Sequence[torch.Tensor],
@@ -217,6 +256,7 @@ def refine_block(
     return_outputs: bool = False,
     micro_batch: int | None = None,
     initial_loss: float | None = None,
+    optimizer: str = "adam",
 ) -> BlockwiseResult:
     """Minimize ``MSE(block(inputs), targets)`` over the block's scales, zeros and norms (Eq. 2), codes frozen.
 
@@ -226,7 +266,12 @@ def refine_block(
             float32 parameters: training runs in float32 and inputs are cast to it.
         inputs, targets: one ``[b, seq, hidden]`` tensor per calibration batch, anywhere (moved per batch).
         forward_kwargs: one dict for all batches, or one dict per batch (tensors inside are moved and cast).
-        lr, weight_decay: Adam hyper-parameters (reference: lr 1e-5, 4 epochs).
+        lr, weight_decay: Adam hyper-parameters (reference: lr 1e-5, 4 epochs). With ``optimizer="signsgd"``,
+            ``lr`` is the relative step (AutoRound: 5e-3) and ``weight_decay`` must be 0.
+        optimizer: ``"adam"`` (the paper) or ``"signsgd"`` (SignRound/AutoRound-style): each step moves every
+            scale and zero by ``lr_t * |initial scale of its group|`` and every other parameter (norm weights,
+            biases) by ``lr_t * |its initial value|``, against the sign of its gradient, with ``lr_t`` decaying
+            linearly from ``lr`` to 0 over all steps.
         epochs: passes over the batches, in a seeded random order each epoch.
         train_norms: also train parameters of submodules whose class name contains "Norm".
         train_bias: also train parameters named ``bias``.
@@ -261,6 +306,10 @@ def refine_block(
         raise DecoupleQConfigError(f"lr={lr!r} must be a positive finite float")
     if micro_batch is not None and not (isinstance(micro_batch, int) and micro_batch >= 1):
         raise DecoupleQConfigError(f"micro_batch={micro_batch!r} must be None or an int >= 1")
+    if optimizer not in ("adam", "signsgd"):
+        raise DecoupleQConfigError(f"optimizer={optimizer!r} is not allowed: use 'adam' or 'signsgd'")
+    if optimizer == "signsgd" and weight_decay:
+        raise DecoupleQConfigError("weight_decay is an Adam setting; use weight_decay=0 with optimizer='signsgd'")
     steps = _micro_batches(inputs, targets, kwargs_list, micro_batch)
 
     params = _trainable(block, train_norms, train_bias)
@@ -298,7 +347,10 @@ def refine_block(
             return BlockwiseResult(initial_loss=initial, epoch_losses=[], final_loss=initial)
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        if optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        else:
+            opt = _SignSGD(params, _sign_units(block, params), lr=lr, total_steps=epochs * len(steps))
         gen = torch.Generator().manual_seed(seed)
         diverged = False
         with torch.enable_grad():
