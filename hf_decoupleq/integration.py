@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedModelError
+from .hadamard import has_transform
 from .nn.linear import DecoupleQLinear
 
 logger = logging.getLogger(__name__)
@@ -77,11 +78,14 @@ def replace_with_decoupleq_linear(
     group_size: int,
     modules_to_not_convert: Iterable[str] = ("lm_head",),
     dtype: torch.dtype | None = None,
+    incoherence: bool = False,
 ) -> list[str]:
     """Replace every linear of every decoder block by an empty `DecoupleQLinear` of the packed shapes.
 
     Used before the weights of a pre-quantized checkpoint load (the model is on the meta device then), so that
-    the checkpoint's `qweight`/`scales`/`zeros` load straight into the buffers. Returns the replaced names.
+    the checkpoint's `qweight`/`scales`/`zeros` (and, with `incoherence`, `hadamard_signs` for every layer with an
+    even `in_features`, exactly the layers quantization rotates) load straight into the buffers. Returns the
+    replaced names.
     """
     prefix, blocks = find_decoder_blocks(model)
     replaced = []
@@ -98,6 +102,7 @@ def replace_with_decoupleq_linear(
                 bias=linear.bias is not None,
                 dtype=dtype or linear.weight.dtype,
                 device=device,
+                incoherence=incoherence and has_transform(linear.in_features),
             )
             set_submodule(block, name, new)
             replaced.append(block_prefix + name)
@@ -108,6 +113,8 @@ def replace_with_decoupleq_linear(
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every `DecoupleQLinear` by an `nn.Linear` holding its dequantized weight (in place)."""
+    if isinstance(dtype, str):  # transformers passes model.config.dtype, a string once the config was saved
+        dtype = getattr(torch, dtype.removeprefix("torch."))
     names = [name for name, m in model.named_modules() if isinstance(m, DecoupleQLinear)]
     for name in names:
         module = model.get_submodule(name)

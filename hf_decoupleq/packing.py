@@ -1,6 +1,6 @@
 """Packing of 2/3/4/8-bit decoupleQ codes into int32 words (pure torch, no transformers).
 
-Bit layout (``FORMAT_VERSION = 1``; ``docs/format.md`` is the normative description)
+Bit layout (format versions 1 and 2; ``docs/format.md`` is the normative description)
 ------------------------------------------------------------------------------------
 A layer ``y = x W^T`` with ``W`` of shape ``[out, in]`` (``N x K``) stores integer codes
 ``q[n, k]`` in ``[0, 2**bits - 1]``. Each output column ``n`` owns one *bit stream*: its codes
@@ -41,15 +41,25 @@ __all__ = [
     "num_groups",
     "pack",
     "packed_rows",
+    "required_format_version",
     "unpack",
     "words_per_block",
 ]
 
-FORMAT_VERSION = 1
+# The newest format this library reads. 1: the layout above. 2: adds, for incoherence processing
+# (`DecoupleQConfig.incoherence`), an int8 `hadamard_signs` tensor per layer and a weight stored in the rotated basis;
+# a reader that does not know it would silently compute garbage, so such checkpoints are marked 2 (readers refuse
+# versions they do not know). Checkpoints without it keep writing 1, which every reader understands.
+FORMAT_VERSION = 2
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32)
 _WORD_MASK = 0xFFFFFFFF
+
+
+def required_format_version(incoherence: bool) -> int:
+    """The format version a checkpoint is written with: 2 if its layers carry Hadamard signs, else 1."""
+    return 2 if incoherence else 1
 
 
 def _check_bits(bits: int) -> None:

@@ -30,8 +30,10 @@ from tqdm.auto import tqdm
 
 from .config import DecoupleQConfig
 from .errors import DecoupleQError, DecoupleQNumericalError, UnsupportedModelError
+from .hadamard import has_transform, random_signs, transform_hessian, transform_input, transform_weight
 from .integration import find_decoder_blocks, find_linears, set_submodule
 from .nn.linear import DecoupleQLinear
+from .packing import required_format_version
 from .resume import ResumeStore
 from .solver import FakeQuantLinear, HessianAccumulator, refine_block, solve_layer
 
@@ -454,9 +456,17 @@ def quantize_block(
         H = accs[group[0]].hessian()
         for name in group:
             linear = linears[name]
-            result = solve_layer(linear.weight.detach().to(device), H, name=f"{block_name}.{name}", **solve_kwargs)
+            full_name = f"{block_name}.{name}"
+            weight, H_layer = linear.weight.detach().to(device), H
+            signs = _incoherence_signs(config, full_name, linear.in_features, device)
+            if signs is not None:
+                # Quantize W V^T against V H V^T (per layer: every linear has its own signs); the proxy loss is
+                # the same as in the original basis, since V is orthogonal.
+                weight = transform_weight(weight.float(), signs)
+                H_layer = transform_hessian(H, signs)
+            result = solve_layer(weight, H_layer, name=full_name, **solve_kwargs)
             bias = None if linear.bias is None else linear.bias.detach().to(device=device, dtype=torch.float32)
-            fq = FakeQuantLinear.from_result(result, bias=bias)
+            fq = FakeQuantLinear.from_result(result, bias=bias, hadamard_signs=signs)
             originals[name] = linear
             fake[name] = fq
             set_submodule(block, name, fq)
@@ -536,7 +546,9 @@ def quantize_block(
     same_as_trained = need_targets
     for name, fq in fake.items():
         original = originals[name]
-        packed = DecoupleQLinear.from_linear(original, fq.to_result(), dtype=original.weight.dtype)
+        packed = DecoupleQLinear.from_linear(
+            original, fq.to_result(), dtype=original.weight.dtype, hadamard_signs=fq.hadamard_signs
+        )
         if fq.bias is not None and original.bias is not None:
             packed.bias.copy_(fq.bias.detach().to(packed.bias.dtype))
         packed = packed.to(device)
@@ -560,8 +572,24 @@ def quantize_block(
     return stats
 
 
+def _incoherence_signs(
+    config: DecoupleQConfig, full_name: str, in_features: int, device: torch.device
+) -> torch.Tensor | None:
+    """The layer's Hadamard signs when `config.incoherence` (None otherwise, or for an odd `in_features`)."""
+    if not config.incoherence:
+        return None
+    if not has_transform(in_features):
+        logger.warning(
+            "%s: in_features=%d is odd, so it has no Hadamard block; incoherence processing skips this layer",
+            full_name, in_features,
+        )  # fmt: skip
+        return None
+    return random_signs(in_features, config.seed, full_name, device=device)
+
+
 def fake_from_packed(packed: DecoupleQLinear) -> FakeQuantLinear:
-    """A `FakeQuantLinear` with exactly the packed module's codes, scales, zeros and bias (float32)."""
+    """A `FakeQuantLinear` with exactly the packed module's codes, scales, zeros, bias (float32) and Hadamard
+    signs (incoherence)."""
     bias = None if packed.bias is None else packed.bias.detach().float()
     return FakeQuantLinear(
         packed._codes().contiguous(),
@@ -570,6 +598,7 @@ def fake_from_packed(packed: DecoupleQLinear) -> FakeQuantLinear:
         packed.effective_group_size,
         packed.bits,
         bias=bias,
+        hadamard_signs=packed.hadamard_signs,
     )
 
 
@@ -581,6 +610,7 @@ def _same_fake(a: FakeQuantLinear, b: FakeQuantLinear) -> bool:
             (a.scales.detach(), b.scales.detach()),
             (a.zeros.detach(), b.zeros.detach()),
             (None if a.bias is None else a.bias.detach().float(), None if b.bias is None else b.bias.detach()),
+            (a.hadamard_signs, b.hadamard_signs),
         )
     )
 
@@ -602,7 +632,7 @@ def forward_quantized_block(
     for name, module in packed.items():
         fq = fake_from_packed(module)
         dense = fq.dequantize().detach()
-        fq.forward = functools.partial(_dense_forward, dense, fq.bias)
+        fq.forward = functools.partial(_dense_forward, dense, fq.bias, fq.hadamard_signs)
         set_submodule(block, name, fq)
     try:
         if replay is not None and replay.final_forward_ok:
@@ -614,8 +644,12 @@ def forward_quantized_block(
             set_submodule(block, name, module)
 
 
-def _dense_forward(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    # Same math as FakeQuantLinear.forward, with the dequantized weight computed once.
+def _dense_forward(
+    weight: torch.Tensor, bias: torch.Tensor | None, signs: torch.Tensor | None, x: torch.Tensor
+) -> torch.Tensor:
+    # Same math as FakeQuantLinear.forward (rotation included), with the dequantized weight computed once.
+    if signs is not None:
+        x = transform_input(x, signs)
     return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
@@ -640,6 +674,8 @@ def quantize_model(model: nn.Module, config: DecoupleQConfig, tokenizer: Any = N
     """
     from .calibration.data import get_calibration_windows, resolve_tokenizer
 
+    # The oldest format that can read the result: incoherent layers need readers that know `hadamard_signs`.
+    config.format_version = required_format_version(config.incoherence)
     t_start = time.perf_counter()
     original_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     prefix, blocks = find_decoder_blocks(model)

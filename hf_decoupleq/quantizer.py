@@ -72,6 +72,9 @@ class DecoupleQHfQuantizer(HfQuantizer):
             group_size=cfg.group_size,
             modules_to_not_convert=self.modules_to_not_convert,
             dtype=dtype,
+            # Format 1 has no Hadamard signs: a version-1 checkpoint claiming incoherence was written before the
+            # feature existed (the flag was accepted and ignored), so its weights are in the original basis.
+            incoherence=cfg.incoherence and cfg.format_version >= 2,
         )
         logger.info("prepared %d packed decoupleQ linears for loading", len(replaced))
         if checkpoint_files:
@@ -125,21 +128,37 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     return getattr(model.config, "dtype", None) or torch.get_default_dtype()
 
 
+_SIGNS = ".hadamard_signs"
+
+
 def check_checkpoint_shapes(model: torch.nn.Module, checkpoint_files: list[str]) -> None:
     """Compare the packed tensors' shapes in the safetensors headers with the modules built from the config, so a
-    checkpoint that disagrees with its config fails with a message instead of silently re-initialized weights."""
+    checkpoint that disagrees with its config fails with a message instead of silently re-initialized weights.
+
+    The incoherence signs are checked both ways: a rotated layer must find its `hadamard_signs` in the checkpoint,
+    and a checkpoint's `hadamard_signs` must have a rotated layer to go to (either mismatch computes garbage)."""
     expected = {
         name: tuple(t.shape)
         for name, t in model.state_dict().items()
-        if name.endswith((".qweight", ".scales", ".zeros"))
+        if name.endswith((".qweight", ".scales", ".zeros", _SIGNS))
     }
+    seen: set[str] = set()
+    all_read = True
     for path in checkpoint_files:
         if not str(path).endswith(".safetensors") or not os.path.exists(path):
+            all_read = False
             continue
         with open(path, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(header_len))
+        seen.update(header)
         for name, info in header.items():
+            if name.endswith(_SIGNS) and name not in expected:
+                raise DecoupleQCheckpointError(
+                    f"{os.path.basename(path)} holds incoherence signs {name!r}, but the checkpoint's "
+                    "quantization_config does not describe that layer as rotated (incoherence / format_version): "
+                    "the checkpoint and its config.json disagree"
+                )
             if name == "__metadata__" or name not in expected:
                 continue
             found = tuple(info["shape"])
@@ -149,3 +168,10 @@ def check_checkpoint_shapes(model: torch.nn.Module, checkpoint_files: list[str])
                     f"checkpoint's quantization_config (bits/group_size) implies {list(expected[name])}: the "
                     "checkpoint and its config.json disagree"
                 )
+    missing = sorted(name for name in expected if name.endswith(_SIGNS) and name not in seen)
+    if all_read and checkpoint_files and missing:
+        raise DecoupleQCheckpointError(
+            f"the checkpoint's quantization_config says incoherence=True, but {len(missing)} rotated layer(s) have "
+            f"no incoherence signs in the checkpoint (first: {missing[0]!r}): the checkpoint and its config.json "
+            "disagree"
+        )

@@ -142,6 +142,7 @@ class ResumeStore:
             raise DecoupleQCheckpointError(f"{path} does not match its checksum in {self.path}; delete it to redo it")
         tensors = load_file(path)
         packed_names = {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".qweight")}
+        rotated = {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".hadamard_signs")}
         for name, linear in find_linears(block).items():
             if name in packed_names:
                 new = DecoupleQLinear(
@@ -152,6 +153,7 @@ class ResumeStore:
                     bias=linear.bias is not None,
                     dtype=linear.weight.dtype,
                     device=linear.weight.device,
+                    incoherence=name in rotated,
                 )
                 set_submodule(block, name, new)
         device = next(iter(block.state_dict().values())).device

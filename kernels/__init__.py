@@ -1,7 +1,8 @@
 """Kernels for decoupleQ packed weights, shipped as ``hf_decoupleq.kernels``.
 
 * :mod:`.reference`: plain-PyTorch references (and the portable fallback) of every kernel.
-* :mod:`.gemm` (prefill), :mod:`.gemv` (split-K decode), :mod:`.dequant`: Triton kernels and their wrappers.
+* :mod:`.gemm` (prefill), :mod:`.gemv` (split-K decode), :mod:`.dequant`, :mod:`.hadamard` (activation transform of
+  incoherence processing): Triton kernels and their wrappers.
 * :mod:`.ops`: the ``torch.ops.hf_decoupleq.*`` custom ops around them (registered on import of this package).
 
 Importing this package never imports Triton; the kernel modules import it when first used, so the PyTorch path

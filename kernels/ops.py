@@ -8,6 +8,8 @@ the autotuned kernels. Triton is imported only when an op actually runs.
   2-D ``x``; the split-K decode kernel for ``M <= 16`` rows, the tiled prefill kernel otherwise.
 * ``torch.ops.hf_decoupleq.dequantize(qweight, scales, zeros, bits, group_size, in_features)``: ``W`` ``[N, K]`` in
   the scales' dtype.
+* ``torch.ops.hf_decoupleq.hadamard(x, signs)``: ``x V^T`` for a 2-D ``x`` (incoherence processing, see
+  :mod:`hf_decoupleq.hadamard`).
 
 These ops are not differentiable; ``DecoupleQLinear`` takes its PyTorch path when a gradient is needed.
 """
@@ -18,7 +20,7 @@ import torch
 
 from ._common import check_input, check_packed
 
-__all__ = ["dequantize", "matmul"]
+__all__ = ["dequantize", "hadamard", "matmul"]
 
 
 @torch.library.custom_op("hf_decoupleq::matmul", mutates_args=())
@@ -61,3 +63,17 @@ def dequantize(
 def _dequantize_fake(qweight, scales, zeros, bits, group_size, in_features):
     n_out, _ = check_packed(qweight, scales, zeros, bits, group_size, in_features)
     return scales.new_empty((n_out, in_features))
+
+
+@torch.library.custom_op("hf_decoupleq::hadamard", mutates_args=())
+def hadamard(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """Randomized block Hadamard transform ``x V^T`` (``x`` ``[M, K]``, int8 ``signs`` ``[K]``) in ``x.dtype``."""
+    from .hadamard import hadamard_transform
+
+    return hadamard_transform(x, signs)
+
+
+@hadamard.register_fake
+def _hadamard_fake(x, signs):
+    check_input(x, signs.shape[0], signs.device)
+    return x.new_empty(x.shape)

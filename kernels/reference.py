@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from hf_decoupleq.hadamard import transform_input
 from hf_decoupleq.packing import effective_group_size, unpack
 
-__all__ = ["dequantize", "dequantize_codes", "matmul"]
+__all__ = ["dequantize", "dequantize_codes", "hadamard", "matmul"]
 
 
 def dequantize_codes(
@@ -56,3 +57,8 @@ def matmul(
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     w = dequantize(qweight, scales, zeros, bits, group_size, in_features, dtype=compute)
     return (x.to(compute) @ w.T).to(x.dtype)
+
+
+def hadamard(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """Reference of the Hadamard kernel: ``x V^T`` (randomized block Hadamard, :mod:`hf_decoupleq.hadamard`)."""
+    return transform_input(x, signs)

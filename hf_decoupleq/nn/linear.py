@@ -1,7 +1,8 @@
 """``DecoupleQLinear``: a linear layer whose weight is stored as packed 2/3/4/8-bit codes plus float scales/zeros.
 
 ``W[n, k] = scales[k // g, n] * q[n, k] + zeros[k // g, n]``; the packed layout is documented in
-:mod:`hf_decoupleq.packing` and ``docs/format.md``.
+:mod:`hf_decoupleq.packing` and ``docs/format.md``. With incoherence processing the codes quantize ``W V^T`` (a
+randomized block Hadamard ``V``, :mod:`hf_decoupleq.hadamard`) and the input is rotated first: ``y = (x V^T) W^T``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import DecoupleQConfigError
+from ..hadamard import check_signs, has_transform, inverse_transform, transform_input
 from ..kernels import interpreting, reference, triton_available
 from ..packing import SUPPORTED_BITS, effective_group_size, num_groups, pack, packed_rows, unpack
 
@@ -77,11 +79,16 @@ class DecoupleQLinear(nn.Module):
         bias (`bool`, defaults to `True`): whether to hold a ``bias`` buffer.
         dtype (`torch.dtype`, defaults to `torch.float16`): dtype of ``scales``, ``zeros`` and ``bias``.
         device: where to allocate the buffers (``with torch.device("meta"):`` works too).
+        incoherence (`bool`, defaults to `False`): hold a ``hadamard_signs`` buffer: the stored weight is in the
+            rotated basis ``W V^T`` and ``forward`` rotates ``x`` first (needs an even ``in_features``).
 
     Buffers (persistent, i.e. in the ``state_dict``; their shapes depend only on the arguments above):
         - ``qweight``: int32 ``[packed_rows(in_features, bits), out_features]``, codes packed along the input dim.
         - ``scales``, ``zeros``: ``dtype`` ``[ceil(in_features / effective_group_size), out_features]``.
         - ``bias``: ``dtype`` ``[out_features]`` (only with ``bias=True``).
+        - ``hadamard_signs``: int8 ``[in_features]``, +1/-1 (only with ``incoherence=True``): the signs of
+          ``V = blockdiag(H_b, ..., H_b) diag(signs) / sqrt(b)``, ``b`` the largest power of two dividing
+          ``in_features`` (at most 4096).
 
     Forward backends:
         - Triton (x on CUDA and triton installed, or forced with ``HF_DECOUPLEQ_BACKEND=triton``, which on the CPU
@@ -98,6 +105,10 @@ class DecoupleQLinear(nn.Module):
         - Gradients: whenever grad mode is on and ``x``, ``scales``, ``zeros`` or ``bias`` require grad, forward
           takes a differentiable PyTorch path (the custom ops have no autograd formula).
 
+    With ``hadamard_signs``, ``x`` is first rotated to ``x V^T`` (a fast Walsh-Hadamard transform, ``O(K log b)``
+    per row: the Triton kernel of :mod:`hf_decoupleq.kernels.hadamard` where the Triton backend runs, PyTorch
+    otherwise, differentiable there) and the rotated activations go through the backends above.
+
     The output has ``x``'s dtype and is accurate to the lower precision of ``x``'s dtype and the module's dtype.
     """
 
@@ -110,6 +121,7 @@ class DecoupleQLinear(nn.Module):
         bias: bool = True,
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
+        incoherence: bool = False,
     ) -> None:
         super().__init__()
         _positive_int("in_features", in_features)
@@ -132,11 +144,25 @@ class DecoupleQLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
+        if incoherence:
+            if not has_transform(in_features):
+                raise DecoupleQConfigError(
+                    f"incoherence=True needs an even in_features (a Hadamard block), got {in_features}"
+                )
+            self.register_buffer("hadamard_signs", torch.ones(in_features, dtype=torch.int8, device=device))
+        else:
+            self.hadamard_signs = None
         self._cache: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_linear(cls, linear: nn.Linear, quantized: Any, dtype: torch.dtype | None = None) -> DecoupleQLinear:
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        quantized: Any,
+        dtype: torch.dtype | None = None,
+        hadamard_signs: torch.Tensor | None = None,
+    ) -> DecoupleQLinear:
         """Build a packed layer from ``linear`` (for its shape and bias) and a solver result.
 
         Args:
@@ -144,6 +170,8 @@ class DecoupleQLinear(nn.Module):
             quantized: any object with ``codes`` (integer ``[out, in]``), ``scales`` and ``zeros`` (``[out, G]``),
                 ``bits`` and ``group_size`` (effective, in columns; ``-1`` is accepted for per-channel).
             dtype (`torch.dtype`, *optional*): dtype of scales/zeros/bias; defaults to ``linear.weight.dtype``.
+            hadamard_signs (`torch.Tensor`, *optional*): the +-1 signs of the incoherence transform, when the codes
+                quantize ``W V^T`` rather than ``W``.
         """
         missing = [a for a in ("codes", "scales", "zeros", "bits", "group_size") if not hasattr(quantized, a)]
         if missing:
@@ -160,8 +188,15 @@ class DecoupleQLinear(nn.Module):
                 raise DecoupleQConfigError(f"{name} shape {tuple(t.shape)} != expected [{n_out}, {n_groups}]")
         dtype = dtype or linear.weight.dtype
         device = linear.weight.device
-        module = cls(k, n_out, bits, group_size, bias=linear.bias is not None, dtype=dtype, device=device)
+        if hadamard_signs is not None:
+            check_signs(hadamard_signs, k)
+        module = cls(
+            k, n_out, bits, group_size, bias=linear.bias is not None, dtype=dtype, device=device,
+            incoherence=hadamard_signs is not None,
+        )  # fmt: skip
         with torch.no_grad():
+            if hadamard_signs is not None:
+                module.hadamard_signs.copy_(hadamard_signs.to(device=device, dtype=torch.int8))
             module.qweight.copy_(pack(codes.to(device), bits))
             module.scales.copy_(quantized.scales.T.to(device=device, dtype=dtype))
             module.zeros.copy_(quantized.zeros.T.to(device=device, dtype=dtype))
@@ -180,6 +215,10 @@ class DecoupleQLinear(nn.Module):
         expected = (packed_rows(self.in_features, self.bits), self.out_features)
         if tuple(self.qweight.shape) != expected:
             raise DecoupleQConfigError(f"qweight shape {tuple(self.qweight.shape)} != expected {expected}")
+        if self.hadamard_signs is not None:
+            if self.hadamard_signs.dtype != torch.int8:
+                raise DecoupleQConfigError(f"hadamard_signs dtype is {self.hadamard_signs.dtype}; it must be int8")
+            check_signs(self.hadamard_signs, self.in_features)
         self._cache.clear()
         if self.qweight.device.type == "cpu" and self._cpu_int4_ok(self.scales.dtype):
             self._cpu_int4_operands()
@@ -193,7 +232,8 @@ class DecoupleQLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"group_size={self.group_size}, bias={self.bias is not None}"
+            f"group_size={self.group_size}, bias={self.bias is not None}, "
+            f"incoherence={self.hadamard_signs is not None}"
         )
 
     def _key(self, *tensors: torch.Tensor) -> tuple:
@@ -250,11 +290,19 @@ class DecoupleQLinear(nn.Module):
 
     # ------------------------------------------------------------------ math
     def dequantize_weight(self) -> torch.Tensor:
-        """The dequantized weight ``[out_features, in_features]`` in the module dtype (Triton kernel on CUDA)."""
+        """The dequantized weight ``[out_features, in_features]`` in the module dtype (Triton kernel on CUDA).
+
+        Always in the original basis: for an incoherent layer this is ``W_hat V`` (rotated back in float32), so a
+        plain ``nn.Linear`` holding it computes what this module computes.
+        """
         args = (self.qweight, self.scales, self.zeros, self.bits, self.effective_group_size, self.in_features)
         if _select_backend(self.qweight.device) == "triton":
-            return torch.ops.hf_decoupleq.dequantize(*args)
-        return reference.dequantize(*args)
+            w = torch.ops.hf_decoupleq.dequantize(*args)
+        else:
+            w = reference.dequantize(*args)
+        if self.hadamard_signs is not None:
+            w = inverse_transform(w.float(), self.hadamard_signs).to(w.dtype)
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W^T + bias`` for ``x`` ``[..., in_features]`` (fp16/bf16/fp32, any strides); output in ``x.dtype``.
@@ -275,6 +323,8 @@ class DecoupleQLinear(nn.Module):
             or self.zeros.requires_grad
             or (self.bias is not None and self.bias.requires_grad)
         )
+        if self.hadamard_signs is not None:
+            x2 = self._rotate(x2, needs_grad)
         if needs_grad:
             # Under torch.compile the codes are unpacked in the graph: the Python-side cache would break it.
             codes = unpack(self.qweight, self.bits, self.in_features) if compiling else self._codes()
@@ -293,6 +343,12 @@ class DecoupleQLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
+
+    def _rotate(self, x2: torch.Tensor, needs_grad: bool) -> torch.Tensor:
+        """``x V^T`` (incoherence): the Triton kernel on the Triton backend, the differentiable torch FWHT else."""
+        if not needs_grad and _select_backend(x2.device) == "triton":
+            return torch.ops.hf_decoupleq.hadamard(x2, self.hadamard_signs)
+        return transform_input(x2, self.hadamard_signs)
 
     def _forward_torch(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.device.type == "cpu" and x2.shape[0] <= _INT4_MAX_M and self._cpu_int4_ok(

@@ -29,6 +29,9 @@ class FakeQuantLinear(nn.Module):
         group_size: columns per group (``in`` for per-channel).
         bits: code width.
         bias: optional ``[out]`` bias, frozen by default (``requires_grad=False``).
+        hadamard_signs: optional int8 ``[in]`` signs of an incoherence transform ``V`` (:mod:`hf_decoupleq.hadamard`):
+            the codes then quantize ``W V^T`` and ``forward`` computes ``(x V^T) W_hat^T``, so the layer still
+            approximates ``x W^T``. :meth:`dequantize` and :attr:`weight` stay in the rotated basis.
     """
 
     def __init__(
@@ -39,6 +42,7 @@ class FakeQuantLinear(nn.Module):
         group_size: int,
         bits: int,
         bias: torch.Tensor | None = None,
+        hadamard_signs: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if codes.dim() != 2:
@@ -66,13 +70,25 @@ class FakeQuantLinear(nn.Module):
         self.scales = nn.Parameter(scales.detach().float().clone())
         self.zeros = nn.Parameter(zeros.detach().float().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        if hadamard_signs is None:
+            self.hadamard_signs = None
+        else:
+            from ..hadamard import check_signs
+
+            check_signs(hadamard_signs, in_features)
+            self.register_buffer("hadamard_signs", hadamard_signs.detach().to(torch.int8).clone())
         self._loss: torch.Tensor | None = None
         self._dense: tuple[tuple, torch.Tensor] | None = None
 
     @classmethod
-    def from_result(cls, result: QuantResult, bias: torch.Tensor | None = None) -> FakeQuantLinear:
+    def from_result(
+        cls, result: QuantResult, bias: torch.Tensor | None = None, hadamard_signs: torch.Tensor | None = None
+    ) -> FakeQuantLinear:
         """Build from a :class:`QuantResult` (remembering its proxy loss for :meth:`to_result`)."""
-        mod = cls(result.codes, result.scales, result.zeros, result.group_size, result.bits, bias=bias)
+        mod = cls(
+            result.codes, result.scales, result.zeros, result.group_size, result.bits, bias=bias,
+            hadamard_signs=hadamard_signs,
+        )  # fmt: skip
         mod._loss = result.loss
         return mod
 
@@ -88,6 +104,10 @@ class FakeQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.hadamard_signs is not None:
+            from ..hadamard import transform_input
+
+            x = transform_input(x, self.hadamard_signs)
         if torch.is_grad_enabled():
             return F.linear(x, self.dequantize().to(x.dtype), bias)
         # Without autograd (calibration passes) the dense weight is reused until scales/zeros change.
@@ -115,7 +135,8 @@ class FakeQuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"group_size={self.group_size}, bias={self.bias is not None}"
+            f"group_size={self.group_size}, bias={self.bias is not None}, "
+            f"incoherence={self.hadamard_signs is not None}"
         )
 
 
