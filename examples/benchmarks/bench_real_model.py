@@ -70,8 +70,15 @@ DECOUPLEQ_METHODS = {
     "gptq": {"method": "gptq", "blockwise": False},
     "decoupleq-layerwise": {"method": "decoupleq", "blockwise": False},
     "decoupleq": {"method": "decoupleq", "blockwise": True},
-    "decoupleq-signsgd": {"method": "decoupleq", "blockwise": True, "blockwise_optimizer": "signsgd"},
-    "decoupleq-incoherent": {"method": "decoupleq", "blockwise": True, "incoherence": True},
+    # The extensions (issue 7): SignSGD block-wise stage for one epoch (lr: its default 5e-3, relative to the
+    # scales), and the same with incoherence processing. A "blockwise_epochs" here overrides --blockwise-epochs.
+    "decoupleq-signsgd": {
+        "method": "decoupleq", "blockwise": True, "blockwise_optimizer": "signsgd", "blockwise_epochs": 1
+    },
+    "decoupleq-incoherent": {
+        "method": "decoupleq", "blockwise": True, "blockwise_optimizer": "signsgd", "blockwise_epochs": 1,
+        "incoherence": True,
+    },
 }
 DEFAULT_CONFIGS = "w2g64,w3g128,w4g128"
 FP32_SETTING = "fp32"
@@ -145,7 +152,7 @@ def run_protocol(args: argparse.Namespace, method: str, calib_sha256: str | None
     if method in DECOUPLEQ_METHODS:
         proto.update(batch_size=args.batch_size, calibration_dtype=args.calibration_dtype)
     if DECOUPLEQ_METHODS.get(method, {}).get("blockwise"):
-        proto["blockwise_epochs"] = args.blockwise_epochs
+        proto["blockwise_epochs"] = DECOUPLEQ_METHODS[method].get("blockwise_epochs", args.blockwise_epochs)
     if method == "autoround":
         proto["autoround"] = autoround_settings(args)
     return proto
@@ -210,11 +217,10 @@ def quantize_decoupleq(model, tokenizer, windows, setting: Setting, method: str,
         num_samples=args.num_samples,
         seq_len=args.calib_seq_len,
         seed=args.seed,
-        blockwise_epochs=args.blockwise_epochs,
         batch_size=args.batch_size,
         calibration_dtype=None if args.calibration_dtype == "model" else args.calibration_dtype,
         device=args.device,
-        **DECOUPLEQ_METHODS[method],
+        **{"blockwise_epochs": args.blockwise_epochs, **DECOUPLEQ_METHODS[method]},
     )
     t0 = time.perf_counter()
     quantize(model, cfg, tokenizer=tokenizer)
