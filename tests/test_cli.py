@@ -275,7 +275,7 @@ NON_DEFAULT = {
     "blockwise_epochs": ("2", 2),
     "blockwise_lr": ("3e-4", 3e-4),
     "blockwise_weight_decay": ("0.1", 0.1),
-    "blockwise_optimizer": ("signsgd", "signsgd"),
+    "blockwise_optimizer": ("adam", "adam"),
     "num_samples": ("7", 7),
     "seq_len": ("99", 99),
     "seed": ("11", 11),

@@ -59,7 +59,7 @@ METHOD_LABELS = {
     "rtn": "RTN",
     "gptq": "GPTQ",
     "decoupleq-layerwise": "decoupleQ (layer-wise)",
-    "decoupleq": "decoupleQ (full)",
+    "decoupleq": "decoupleQ (full, paper's Adam)",
     "decoupleq-signsgd": "decoupleQ (full, SignSGD block-wise)",
     "decoupleq-incoherent": "decoupleQ (full, incoherence)",
     "autoround": "AutoRound",
@@ -69,7 +69,8 @@ DECOUPLEQ_METHODS = {
     "rtn": {"method": "rtn", "blockwise": False},
     "gptq": {"method": "gptq", "blockwise": False},
     "decoupleq-layerwise": {"method": "decoupleq", "blockwise": False},
-    "decoupleq": {"method": "decoupleq", "blockwise": True},
+    # The paper's block-wise stage: Adam at lr 1e-5 for --blockwise-epochs (the library default is SignSGD now).
+    "decoupleq": {"method": "decoupleq", "blockwise": True, "blockwise_optimizer": "adam"},
     # The extensions (issue 7): SignSGD block-wise stage for one epoch (lr: its default 5e-3, relative to the
     # scales), and the same with incoherence processing. A "blockwise_epochs" here overrides --blockwise-epochs.
     "decoupleq-signsgd": {
