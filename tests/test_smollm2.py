@@ -45,17 +45,25 @@ def test_w4_g128_is_close_to_fp32_and_beats_rtn(smollm2, shared_data):
 
     fp = ppl(load())
     results = {}
-    for method in ("rtn", "decoupleq"):
+    common = dict(bits=4, group_size=128, dataset=windows, num_samples=16, seq_len=512, rounds=2, batch_size=8)
+    variants = {
+        "rtn": dict(method="rtn", blockwise=False),
+        "layerwise": dict(method="decoupleq", blockwise=False),
+        # The full method as the benchmark runs it: bf16 calibration forwards, SignSGD block-wise stage, 1 epoch.
+        "full": dict(
+            method="decoupleq", blockwise=True, blockwise_optimizer="signsgd", blockwise_epochs=1,
+            calibration_dtype="bfloat16",
+        ),
+    }
+    for label, kw in variants.items():
         model = load()
-        cfg = DecoupleQConfig(
-            bits=4, group_size=128, method=method, dataset=windows, num_samples=16, seq_len=512, blockwise=False,
-            rounds=2,
-        )
-        hf_decoupleq.quantize(model, cfg)
+        hf_decoupleq.quantize(model, DecoupleQConfig(**common, **kw))
         assert sum(isinstance(m, DecoupleQLinear) for m in model.modules()) == 30 * 7
-        results[method] = ppl(model)
-    assert results["decoupleq"] < results["rtn"]
-    # Issue target: within 15% of fp32. Measured here (layer-wise only, 16 or 32 windows): 1.164x fp32 (RTN 1.73x);
-    # the GGUF source weights already sit on a 4-bit group-32 grid, which group 128 cannot follow. This bound
-    # guards the current behaviour; closing the gap to 1.15x (block-wise stage, more data) is open work.
-    assert results["decoupleq"] < 1.20 * fp, (fp, results)
+        results[label] = ppl(model)
+    print(f"SmolLM2 W4 g128 perplexity: fp32 {fp:.3f}, " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
+    assert results["layerwise"] < results["rtn"] and results["full"] < results["rtn"], (fp, results)
+    # Layer-wise only, 16 windows: measured 1.164x fp32 (RTN 1.73x); the GGUF source weights already sit on a 4-bit
+    # group-32 grid, which group 128 cannot follow.
+    assert results["layerwise"] < 1.20 * fp, (fp, results)
+    # Issue target: within 15% of fp32, reached with the block-wise stage.
+    assert results["full"] < 1.15 * fp, (fp, results)
