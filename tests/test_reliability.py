@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import hf_decoupleq.pipeline as pipeline
@@ -39,10 +40,12 @@ def test_same_settings_and_seed_give_identical_tensors(tiny_checkpoint):
     assert_same_state(packed_state(load(src)), packed_state(load(src)))
 
 
-@pytest.mark.parametrize("blockwise", [True, False])  # without it, the fresh run replays the attention outputs
-def test_resume_after_interruption_is_bit_exact(tiny_checkpoint, tmp_path, monkeypatch, blockwise):
+# Without the block-wise stage the fresh run replays the attention outputs; incoherent blocks also store their signs.
+@pytest.mark.parametrize("blockwise, incoherence", [(True, False), (False, False), (True, True)])
+def test_resume_after_interruption_is_bit_exact(tiny_checkpoint, tmp_path, monkeypatch, blockwise, incoherence):
     src = tiny_checkpoint("llama")
-    reference = packed_state(load(src, blockwise=blockwise))
+    settings = {"blockwise": blockwise, "incoherence": incoherence}
+    reference = packed_state(load(src, **settings))
 
     ckpt = tmp_path / "ckpt"
     real = pipeline.quantize_block
@@ -56,14 +59,16 @@ def test_resume_after_interruption_is_bit_exact(tiny_checkpoint, tmp_path, monke
 
     monkeypatch.setattr(pipeline, "quantize_block", crash_on_second_block)
     with pytest.raises(KeyboardInterrupt):
-        load(src, checkpoint_dir=str(ckpt), blockwise=blockwise)
+        load(src, checkpoint_dir=str(ckpt), **settings)
     assert calls == [0, 1]
     assert (ckpt / "block_00000.safetensors").exists() and not (ckpt / "block_00001.safetensors").exists()
+    if incoherence:
+        assert "self_attn.q_proj.hadamard_signs" in load_file(ckpt / "block_00000.safetensors")
 
     calls.clear()
     monkeypatch.setattr(pipeline, "quantize_block", lambda *a, block_index, **kw: calls.append(block_index) or real(
         *a, block_index=block_index, **kw))
-    resumed = load(src, checkpoint_dir=str(ckpt), blockwise=blockwise)
+    resumed = load(src, checkpoint_dir=str(ckpt), **settings)
     assert calls == [1]  # block 0 came from the checkpoint directory
     assert_same_state(packed_state(resumed), reference)
 
