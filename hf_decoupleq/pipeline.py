@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .config import DecoupleQConfig
 from .errors import DecoupleQError, DecoupleQNumericalError, UnsupportedModelError
-from .hadamard import has_transform, random_signs, transform_hessian, transform_input, transform_weight
+from .hadamard import has_transform, random_signs, transform_hessian, transform_weight
 from .integration import find_decoder_blocks, find_linears, set_submodule
 from .nn.linear import DecoupleQLinear
 from .packing import required_format_version
@@ -631,8 +631,8 @@ def forward_quantized_block(
     packed = {name: m for name, m in block.named_modules() if isinstance(m, DecoupleQLinear)}
     for name, module in packed.items():
         fq = fake_from_packed(module)
-        dense = fq.dequantize().detach()
-        fq.forward = functools.partial(_dense_forward, dense, fq.bias, fq.hadamard_signs)
+        dense = fq.effective_weight().detach()
+        fq.forward = functools.partial(_dense_forward, dense, fq.bias)
         set_submodule(block, name, fq)
     try:
         if replay is not None and replay.final_forward_ok:
@@ -644,12 +644,9 @@ def forward_quantized_block(
             set_submodule(block, name, module)
 
 
-def _dense_forward(
-    weight: torch.Tensor, bias: torch.Tensor | None, signs: torch.Tensor | None, x: torch.Tensor
-) -> torch.Tensor:
-    # Same math as FakeQuantLinear.forward (rotation included), with the dequantized weight computed once.
-    if signs is not None:
-        x = transform_input(x, signs)
+def _dense_forward(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    # Same math as FakeQuantLinear.forward without autograd: the dequantized weight, any incoherence rotation
+    # folded in (W_hat V), computed once.
     return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 

@@ -212,6 +212,36 @@ def test_gradients_flow_through_the_rotation(monkeypatch):
     assert _rel(x.grad, x64.grad) < 1e-5
 
 
+@pytest.mark.parametrize("rows", [8, 100])  # fewer rows than out_features (input rotated) / more (weight rotated)
+def test_fake_quant_linear_paths_agree_with_the_dense_rotation(rows):
+    """The solver's FakeQuantLinear folds V into the weight (W_hat V) where that is cheaper: without autograd
+    always, with autograd when there are more activation rows than weight rows. Every path must compute
+    (x V^T) W_hat^T with the same gradients as float64 autograd through the dense V."""
+    from hf_decoupleq.solver.blockwise import FakeQuantLinear
+
+    torch.manual_seed(3)
+    k, n, g = 96, 40, 32
+    codes = torch.randint(0, 4, (n, k), dtype=torch.uint8)
+    scales, zeros = torch.rand(n, k // g) * 0.1 + 0.01, torch.randn(n, k // g) * 0.1
+    signs = random_signs(k, 0, "fq")
+    fq = FakeQuantLinear(codes, scales, zeros, g, 2, bias=torch.randn(n), hadamard_signs=signs)
+    x = torch.randn(rows, k)
+    gy = torch.randn(rows, n)
+    s64 = scales.double().requires_grad_(True)
+    z64 = zeros.double().requires_grad_(True)
+    idx = torch.arange(k) // g
+    w64 = s64[:, idx] * codes.double() + z64[:, idx]
+    ref = (x.double() @ dense_matrix(signs).T) @ w64.T + fq.bias.detach().double()
+    (ref * gy.double()).sum().backward()
+    with torch.no_grad():
+        assert _rel(fq(x), ref) < 1e-5
+    y = fq(x)
+    assert _rel(y, ref) < 1e-5
+    (y * gy).sum().backward()
+    assert _rel(fq.scales.grad, s64.grad) < 1e-5 and _rel(fq.zeros.grad, z64.grad) < 1e-5
+    torch.testing.assert_close(fq.effective_weight().double(), w64.detach() @ dense_matrix(signs), rtol=1e-5, atol=1e-6)
+
+
 def test_packed_module_checks_its_signs():
     with pytest.raises(DecoupleQConfigError, match="even in_features"):
         DecoupleQLinear(63, 8, bits=2, group_size=16, incoherence=True)

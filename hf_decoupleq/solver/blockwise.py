@@ -102,18 +102,32 @@ class FakeQuantLinear(nn.Module):
         """The dequantized weight (for code that inspects ``module.weight``, e.g. its dtype or device)."""
         return self.dequantize()
 
+    def effective_weight(self) -> torch.Tensor:
+        """The weight in the original input basis, ``W_hat V`` (just ``W_hat`` without incoherence): ``forward``
+        computes ``x @ effective_weight().T``. Differentiable in ``scales`` and ``zeros``."""
+        w = self.dequantize()
+        if self.hadamard_signs is None:
+            return w
+        from ..hadamard import inverse_transform
+
+        return inverse_transform(w, self.hadamard_signs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.hadamard_signs is not None:
-            from ..hadamard import transform_input
-
-            x = transform_input(x, self.hadamard_signs)
         if torch.is_grad_enabled():
-            return F.linear(x, self.dequantize().to(x.dtype), bias)
-        # Without autograd (calibration passes) the dense weight is reused until scales/zeros change.
+            rows = x.numel() // max(self.in_features, 1)
+            if self.hadamard_signs is not None and rows < self.out_features:
+                # Fewer activation rows than weight rows: rotating the input is the cheaper side.
+                from ..hadamard import transform_input
+
+                return F.linear(transform_input(x, self.hadamard_signs), self.dequantize().to(x.dtype), bias)
+            # (x V^T) W_hat^T = x (W_hat V)^T: rotate the weight once instead of every activation row.
+            return F.linear(x, self.effective_weight().to(x.dtype), bias)
+        # Without autograd (calibration passes) the dense weight, rotation folded in, is reused until scales/zeros
+        # change.
         key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in (self.scales, self.zeros, self.codes))
         if self._dense is None or self._dense[0] != key:
-            self._dense = (key, self.dequantize().detach())
+            self._dense = (key, self.effective_weight().detach())
         return F.linear(x, self._dense[1].to(x.dtype), bias)
 
     def to_result(self) -> QuantResult:
