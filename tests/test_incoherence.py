@@ -76,7 +76,7 @@ def test_signs_are_seeded_by_seed_and_full_layer_name():
     assert abs(int(a.sum())) < 100  # balanced
 
 
-@pytest.mark.parametrize("k", [96, 576, 6])
+@pytest.mark.parametrize("k", [96, 576, 6, 1536])
 def test_fast_transforms_match_dense_float64_references(k):
     g = torch.Generator().manual_seed(k)
     signs = random_signs(k, 3, f"layer{k}")
@@ -108,6 +108,23 @@ def test_transform_in_low_precision_dtypes(dtype):
     assert y.dtype == dtype and y.shape == x.shape
     assert _rel(y, x.double() @ dense_matrix(signs).T) < TOL[dtype]
     assert inverse_transform(y, signs).dtype == dtype
+
+
+@pytest.mark.parametrize("k, rows", [(1536, 1), (1536, 16), (1536, 17), (1536, 300), (256, 300), (2048, 3)])
+def test_fwht_matmul_and_butterfly_paths_match_the_block_matrix(k, rows):
+    """fwht uses one matmul with H_b for few rows or small blocks and butterflies otherwise: both are
+    x @ blockdiag(H_b), also under inference mode and then with autograd (the cached H_b is a plain tensor)."""
+    b = block_size(k)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k, generator=g, dtype=F64)
+    blocks = torch.block_diag(*[hadamard_matrix(b)] * (k // b))
+    with torch.inference_mode():
+        torch.testing.assert_close(fwht(x, b), x @ blocks, rtol=0, atol=1e-11)
+    x32 = x.float().requires_grad_(True)
+    y = fwht(x32, b)
+    assert _rel(y, x @ blocks) < 1e-6
+    y.sum().backward()
+    assert _rel(x32.grad, torch.ones(rows, k, dtype=F64) @ blocks.T) < 1e-6
 
 
 def test_fwht_rejects_a_block_that_does_not_divide():

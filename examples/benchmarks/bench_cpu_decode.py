@@ -11,6 +11,9 @@ table. Variants:
 * ``w2g64``: fp32 model, decoder linears replaced by ``DecoupleQLinear(bits=2, group_size=64, dtype=bfloat16)``:
   the module's CPU path runs PyTorch's fused int4 kernel in bfloat16 (activations stay float32 outside).
 * ``w2g64-fp32`` (opt-in): the same with float32 scales, i.e. the generic per-call dequantize path.
+* ``w2g64-incoherent`` (opt-in): ``w2g64`` with incoherence processing (``hadamard_signs`` on every linear, codes
+  quantizing ``W V^T``): the decode cost of ``DecoupleQConfig(incoherence=True)``, i.e. one fast Walsh-Hadamard
+  transform of each linear's input per token.
 
 Usage: ``python examples/benchmarks/bench_cpu_decode.py [--new-tokens 64] [--variants fp32,bf16,w2g64]``
 """
@@ -81,20 +84,23 @@ def _rtn_w2g64(weight, bits=2, group=64):
     return codes.view(n_out, k), scales, lo
 
 
-def _quantize_decoder_linears(model, qdtype) -> int:
+def _quantize_decoder_linears(model, qdtype, incoherent: bool = False) -> int:
     import types
 
     import torch
 
+    from hf_decoupleq.hadamard import random_signs, transform_weight
     from hf_decoupleq.nn import DecoupleQLinear
 
     count = 0
     for layer in model.model.layers:
         for name, child in list(layer.named_modules()):
             if isinstance(child, torch.nn.Linear):
-                codes, scales, zeros = _rtn_w2g64(child.weight)
+                signs = random_signs(child.in_features, 0, name) if incoherent else None
+                weight = child.weight if signs is None else transform_weight(child.weight.detach().float(), signs)
+                codes, scales, zeros = _rtn_w2g64(weight)
                 result = types.SimpleNamespace(codes=codes, scales=scales, zeros=zeros, bits=2, group_size=64)
-                packed = DecoupleQLinear.from_linear(child, result, dtype=qdtype)
+                packed = DecoupleQLinear.from_linear(child, result, dtype=qdtype, hadamard_signs=signs)
                 packed.post_init()
                 parent_name, _, attr = name.rpartition(".")
                 setattr(layer.get_submodule(parent_name) if parent_name else layer, attr, packed)
@@ -116,8 +122,9 @@ def run_variant(variant: str, new_tokens: int, threads: int = 0) -> dict:
     n_linears = 0
     if variant == "bf16":
         model = model.to(torch.bfloat16)
-    elif variant in ("w2g64", "w2g64-fp32"):
-        n_linears = _quantize_decoder_linears(model, torch.bfloat16 if variant == "w2g64" else torch.float32)
+    elif variant in ("w2g64", "w2g64-fp32", "w2g64-incoherent"):
+        qdtype = torch.float32 if variant == "w2g64-fp32" else torch.bfloat16
+        n_linears = _quantize_decoder_linears(model, qdtype, incoherent=variant == "w2g64-incoherent")
     elif variant != "fp32":
         raise SystemExit(f"unknown variant {variant!r}")
     _release_freed_memory()
@@ -151,7 +158,7 @@ def run_variant(variant: str, new_tokens: int, threads: int = 0) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma list of fp32,bf16,w2g64,w2g64-fp32")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma list of fp32,bf16,w2g64,w2g64-fp32,w2g64-incoherent")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -184,13 +191,13 @@ def main() -> None:
         rows.append(json.loads(lines[-1][len("RESULT ") :]))
 
     base = rows[0]["decode_tok_s"]
-    header = f"{'variant':<12} {'decode tok/s':>12} {'vs ' + rows[0]['variant']:>9} {'RSS MiB':>9} {'tensors MiB':>12}"
+    header = f"{'variant':<17} {'decode tok/s':>12} {'vs ' + rows[0]['variant']:>9} {'RSS MiB':>9} {'tensors MiB':>12}"
     print(f"SmolLM2-135M-Instruct, greedy decode of {args.new_tokens} tokens, {rows[0]['threads']} CPU threads")
     print(header)
     for r in rows:
         speed = r["decode_tok_s"] / base
         print(
-            f"{r['variant']:<12} {r['decode_tok_s']:>12.1f} {speed:>8.2f}x {r['rss_mib']:>9.0f} {r['tensor_mib']:>12.1f}"
+            f"{r['variant']:<17} {r['decode_tok_s']:>12.1f} {speed:>8.2f}x {r['rss_mib']:>9.0f} {r['tensor_mib']:>12.1f}"
         )
     for r in rows:
         print(f"  {r['variant']}: first tokens {r['sample']!r}")
