@@ -17,6 +17,8 @@ import hf_decoupleq  # noqa: F401  (registers "decoupleq" with transformers)
 from hf_decoupleq import prepare_for_training
 from hf_decoupleq.calibration.data import get_calibration_windows
 
+logger = logging.getLogger("finetune_float_parts")
+
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -49,7 +51,7 @@ def main(argv=None) -> dict:
         optimizer.step()
         losses.append(loss.item())
         if step % 10 == 0:
-            logging.info("step %d loss %.4f", step, loss.item())
+            logger.info("step %d loss %.4f", step, loss.item())
     model.eval()
     model.save_pretrained(args.output)
     tok.save_pretrained(args.output)

@@ -35,13 +35,13 @@ __all__ = [
     "DecoupleQHfQuantizer",
     "DecoupleQLinear",
     "HessianAccumulator",
+    "__version__",
     "prepare_for_training",
     "quantize",
     "quantize_model",
     "register",
     "replace_with_decoupleq_linear",
     "solve_layer",
-    "__version__",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -8,9 +8,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pathlib  # noqa: E402
+import pathlib
 
-import pytest  # noqa: E402
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -46,7 +46,7 @@ def build_tiny_model(arch: str = "llama", vocab_size: int = 128, seed: int = 0):
     import transformers
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, max_position_embeddings=256)
+    common = {"vocab_size": vocab_size, "hidden_size": 64, "num_hidden_layers": 2, "max_position_embeddings": 256}
     if arch == "llama":
         cfg = transformers.LlamaConfig(
             intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, **common

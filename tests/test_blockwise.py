@@ -203,7 +203,7 @@ def test_signsgd_first_step_moves_each_parameter_by_lr_times_its_unit(llama_part
     after = dict(qlayer.named_parameters())
     checked = 0
     for name, grad in grads.items():
-        if name.endswith(".scales") or name.endswith(".zeros"):
+        if name.endswith((".scales", ".zeros")):
             unit = before[name.rsplit(".", 1)[0] + ".scales"].abs()
         elif "norm" in name:
             unit = before[name].abs()

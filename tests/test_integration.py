@@ -5,6 +5,7 @@ import logging
 
 import pytest
 import torch
+from conftest import WIKI_VALID
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -13,20 +14,18 @@ from hf_decoupleq import DecoupleQConfig, DecoupleQLinear
 from hf_decoupleq.errors import DecoupleQCheckpointError, DecoupleQConfigError, UnsupportedModelError
 from hf_decoupleq.integration import find_decoder_blocks
 
-from conftest import WIKI_VALID
-
 
 def small_config(**overrides):
-    kw = dict(
-        bits=2,
-        group_size=16,
-        dataset=str(WIKI_VALID),
-        num_samples=4,
-        seq_len=32,
-        blockwise_epochs=1,
-        blockwise_lr=1e-4,
-        rounds=2,
-    )
+    kw = {
+        "bits": 2,
+        "group_size": 16,
+        "dataset": str(WIKI_VALID),
+        "num_samples": 4,
+        "seq_len": 32,
+        "blockwise_epochs": 1,
+        "blockwise_lr": 1e-4,
+        "rounds": 2,
+    }
     kw.update(overrides)
     return DecoupleQConfig(**kw)
 
@@ -122,7 +121,11 @@ def test_push_to_hub_uploads_packed_files_and_card(quantized_llama, monkeypatch)
     def fake_create_commit(self, repo_id, operations, **kwargs):
         for op in operations:
             src = op.path_or_fileobj
-            uploaded[op.path_in_repo] = open(src, "rb").read() if isinstance(src, str) else src.read()
+            if isinstance(src, str):
+                with open(src, "rb") as f:
+                    uploaded[op.path_in_repo] = f.read()
+            else:
+                uploaded[op.path_in_repo] = src.read()
         uploaded["__repo__"] = repo_id
         return huggingface_hub.CommitInfo(
             commit_url=f"https://huggingface.co/{repo_id}/commit/abc", commit_message="x", commit_description="",

@@ -6,7 +6,7 @@ import tempfile
 def _run(code: str) -> str:
     # Run outside the repository so that the repository root is not on sys.path.
     with tempfile.TemporaryDirectory() as cwd:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, check=False)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
 

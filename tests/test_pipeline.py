@@ -4,13 +4,11 @@ import copy
 
 import pytest
 import torch
+from conftest import build_tiny_model
 
-import hf_decoupleq.pipeline as pipeline
-from hf_decoupleq import DecoupleQConfig
+from hf_decoupleq import DecoupleQConfig, pipeline
 from hf_decoupleq.errors import DecoupleQConfigError, DecoupleQError
 from hf_decoupleq.integration import find_linears
-
-from conftest import build_tiny_model
 
 CPU = torch.device("cpu")
 
@@ -23,7 +21,7 @@ def first_block_inputs(model, num=6, seq=24, batch_size=2, seed=0):
 
 
 def config(**kw):
-    base = dict(bits=2, group_size=16, rounds=1, blockwise=False, dataset="self")
+    base = {"bits": 2, "group_size": 16, "rounds": 1, "blockwise": False, "dataset": "self"}
     base.update(kw)
     return DecoupleQConfig(**base)
 
@@ -98,7 +96,7 @@ def test_bfloat16_calibration_collects_nearly_the_float32_hessians():
     block = blocks[0]
     linears = find_linears(block, "", [])
     groups = pipeline.discover_sequential_groups(block, linears, inputs, CPU)
-    kw = dict(block_name="b", keep_outputs=True, stop_after=None)
+    kw = {"block_name": "b", "keep_outputs": True, "stop_after": None}
     accs32, out32 = pipeline._collect_hessians(block, linears, groups, inputs, CPU, **kw)
     accs16, out16 = pipeline._collect_hessians(block, linears, groups, inputs, CPU, compute_dtype=torch.bfloat16, **kw)
     rels = {}

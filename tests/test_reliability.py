@@ -2,21 +2,19 @@
 
 import pytest
 import torch
+from conftest import WIKI_VALID, build_tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import hf_decoupleq.pipeline as pipeline
-from hf_decoupleq import DecoupleQConfig
+from hf_decoupleq import DecoupleQConfig, pipeline
 from hf_decoupleq.errors import DecoupleQCheckpointError, DecoupleQDataError, DecoupleQNumericalError
-
-from conftest import WIKI_VALID, build_tiny_model
 
 
 def cfg(**kw):
-    base = dict(
-        bits=2, group_size=16, dataset=str(WIKI_VALID), num_samples=4, seq_len=32, blockwise_epochs=1,
-        blockwise_lr=1e-4, rounds=1,
-    )
+    base = {
+        "bits": 2, "group_size": 16, "dataset": str(WIKI_VALID), "num_samples": 4, "seq_len": 32, "blockwise_epochs": 1,
+        "blockwise_lr": 1e-4, "rounds": 1,
+    }
     base.update(kw)
     return DecoupleQConfig(**base)
 

@@ -45,15 +45,15 @@ def test_w4_g128_is_close_to_fp32_and_beats_rtn(smollm2, shared_data):
 
     fp = ppl(load())
     results = {}
-    common = dict(bits=4, group_size=128, dataset=windows, num_samples=16, seq_len=512, rounds=2, batch_size=8)
+    common = {"bits": 4, "group_size": 128, "dataset": windows, "num_samples": 16, "seq_len": 512, "rounds": 2, "batch_size": 8}
     variants = {
-        "rtn": dict(method="rtn", blockwise=False),
-        "layerwise": dict(method="decoupleq", blockwise=False),
+        "rtn": {"method": "rtn", "blockwise": False},
+        "layerwise": {"method": "decoupleq", "blockwise": False},
         # The full method as the benchmark runs it: bf16 calibration forwards, SignSGD block-wise stage, 1 epoch.
-        "full": dict(
-            method="decoupleq", blockwise=True, blockwise_optimizer="signsgd", blockwise_epochs=1,
-            calibration_dtype="bfloat16",
-        ),
+        "full": {
+            "method": "decoupleq", "blockwise": True, "blockwise_optimizer": "signsgd", "blockwise_epochs": 1,
+            "calibration_dtype": "bfloat16",
+        },
     }
     for label, kw in variants.items():
         model = load()

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from conftest import WIKI_VALID
 from transformers import AutoModelForCausalLM
 
 import hf_decoupleq  # noqa: F401
 from hf_decoupleq import DecoupleQConfig, DecoupleQLinear, prepare_for_training
-
-from conftest import WIKI_VALID
 
 
 @pytest.fixture()

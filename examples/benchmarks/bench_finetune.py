@@ -85,8 +85,9 @@ def quantize_to(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load(folder: Path):
-    import hf_decoupleq  # noqa: F401  (registers "decoupleq")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hf_decoupleq  # noqa: F401  (registers "decoupleq")
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -136,7 +137,11 @@ def train(model, windows: torch.Tensor, args: argparse.Namespace) -> dict[str, A
             recent = losses[-10:]
             logger.info(
                 "step %d/%d loss %.4f (mean of last %d: %.4f), %.1f s/step",
-                step + 1, args.steps, losses[-1], len(recent), sum(recent) / len(recent),
+                step + 1,
+                args.steps,
+                losses[-1],
+                len(recent),
+                sum(recent) / len(recent),
                 (time.perf_counter() - t0) / (step + 1),
             )
     model.eval()
@@ -167,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps (default 10)")
     p.add_argument("--no-train-norms", action="store_true", help="train scales and zeros only")
     p.add_argument(
-        "--train-dtype", choices=("float32", "bfloat16"), default="bfloat16",
+        "--train-dtype",
+        choices=("float32", "bfloat16"),
+        default="bfloat16",
         help="bfloat16: forward under CPU bf16 autocast (parameters and optimizer stay float32; default)",
     )
     p.add_argument("--eval-windows", type=int, default=40)
@@ -203,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("perplexity before fine-tuning: %.4f", record["ppl_before"])
 
     windows = get_calibration_windows(
-        str(args.calib_data), tokenizer, num_samples=args.steps * args.batch_size, seq_len=args.seq_len,
+        str(args.calib_data),
+        tokenizer,
+        num_samples=args.steps * args.batch_size,
+        seq_len=args.seq_len,
         seed=args.train_seed,
     )
     record.update(train(model, windows, args))
@@ -231,22 +241,26 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
     first = sum(record["losses"][:10]) / min(10, len(record["losses"]))
     last = sum(record["losses"][-10:]) / min(10, len(record["losses"]))
-    table = "\n".join([
-        f"# Fine-tuning the float parts: SmolLM2-135M W{args.bits} g{args.group_size}",
-        "",
-        "| | WikiText-2 ppl | train loss (mean of 10 steps) |",
-        "|---|---:|---:|",
-        f"| before | {record['ppl_before']:.2f} | {first:.4f} (first) |",
-        f"| after {args.steps} steps | {record['ppl_after']:.2f} | {last:.4f} (last) |",
-        "",
-        f"{record['trainable_parameters']:,} trainable parameters in {record['trainable_tensors']} tensors; "
-        f"{args.steps} Adam steps of {args.batch_size} x {args.seq_len} tokens of wiki.valid.tokens (seed "
-        f"{args.train_seed}), lr {args.lr:g} (scales/zeros) / {args.norm_lr:g} (norms), {args.train_dtype} forward, "
-        f"{record['train_s']:.0f} s. Codes identical: {record['codes_identical']}; reloaded checkpoint max |logit "
-        f"diff| {record['reload_max_abs_logit_diff']:.3g}. Perplexity: first {args.eval_windows} windows of "
-        f"{EVAL_SEQ_LEN} tokens of wiki.test.raw.",
-        "",
-    ])
+    table = "\n".join(
+        [
+            f"# Fine-tuning the float parts: SmolLM2-135M W{args.bits} g{args.group_size}",
+            "",
+            "| | WikiText-2 ppl | train loss (mean of 10 steps) |",
+            "|---|---:|---:|",
+            f"| before | {record['ppl_before']:.2f} | {first:.4f} (first) |",
+            f"| after {args.steps} steps | {record['ppl_after']:.2f} | {last:.4f} (last) |",
+            "",
+            (
+                f"{record['trainable_parameters']:,} trainable parameters in {record['trainable_tensors']} tensors; "
+                f"{args.steps} Adam steps of {args.batch_size} x {args.seq_len} tokens of wiki.valid.tokens (seed "
+                f"{args.train_seed}), lr {args.lr:g} (scales/zeros) / {args.norm_lr:g} (norms), {args.train_dtype} forward, "
+                f"{record['train_s']:.0f} s. Codes identical: {record['codes_identical']}; reloaded checkpoint max |logit "
+                f"diff| {record['reload_max_abs_logit_diff']:.3g}. Perplexity: first {args.eval_windows} windows of "
+                f"{EVAL_SEQ_LEN} tokens of wiki.test.raw."
+            ),
+            "",
+        ]
+    )
     (args.out / "results.md").write_text(table, encoding="utf-8")
     print(table)  # the script's product; everything else goes through logging
     if not math.isfinite(record["ppl_after"]) or not record["codes_identical"]:
