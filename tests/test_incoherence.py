@@ -110,11 +110,12 @@ def test_transform_in_low_precision_dtypes(dtype):
     assert inverse_transform(y, signs).dtype == dtype
 
 
-@pytest.mark.parametrize("k, rows", [(1536, 1), (1536, 16), (1536, 17), (1536, 300), (256, 300), (2048, 3)])
-def test_fwht_matmul_and_butterfly_paths_match_the_block_matrix(k, rows):
-    """fwht uses one matmul with H_b for few rows or small blocks and butterflies otherwise: both are
-    x @ blockdiag(H_b), also under inference mode and then with autograd (the cached H_b is a plain tensor)."""
-    b = block_size(k)
+@pytest.mark.parametrize(
+    "k, b, rows", [(1536, 512, 1), (1536, 512, 300), (256, 256, 7), (128, 64, 5), (8192, 8192, 2), (6, 2, 3)]
+)
+def test_fwht_kronecker_factors_match_the_block_matrix(k, b, rows):
+    """fwht applies H_b as H_m (x) H_n (one matmul for b <= 64, two up to 4096, recursion beyond): it must equal
+    x @ blockdiag(H_b), also under inference mode and then with autograd (the cached factors are plain tensors)."""
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, k, generator=g, dtype=F64)
     blocks = torch.block_diag(*[hadamard_matrix(b)] * (k // b))
