@@ -11,6 +11,8 @@ Protocol (identical for every method):
   of ``wiki.test.raw``;
 - every (method, setting) runs in its own subprocess, so its peak RSS (``ru_maxrss``) and wall time are its own.
 
+``--report-only`` rewrites the table and plot from the existing records without running anything.
+
 Outputs in ``--out``: ``results.jsonl`` (one JSON record per run, appended as each finishes; ``--resume`` skips runs
 that already have a successful record with the same protocol), ``results.md`` (markdown table), ``ppl_vs_bits.png``
 (perplexity vs bits per weight, log y), and one log file per run under ``logs/``.
@@ -589,6 +591,17 @@ def write_report(args: argparse.Namespace, rows: list[dict[str, Any]], methods: 
             "run's own process (load + quantize + evaluate)."
         ),
     ]
+    cpus = {r.get("env", {}).get("cpu") for r in ok}
+    if len(cpus) > 1:
+        # Runs from several machines (e.g. a table completed later with --resume): times compare within a CPU only.
+        notes.append(
+            "Machines: "
+            + "; ".join(
+                f"{cpu}: " + ", ".join(f"{r['method']}/{r['setting']}" for r in ok if r.get("env", {}).get("cpu") == cpu)
+                for cpu in sorted(c for c in cpus if c)
+            )
+            + ". Quantization times compare only between runs on the same CPU."
+        )
     if env:
         notes.append(
             f"Environment: {env.get('cpu')}, {env.get('torch_threads')} torch threads, torch {env.get('torch')}, "
@@ -684,7 +697,9 @@ def driver(args: argparse.Namespace) -> int:
     (args.out / "logs").mkdir(exist_ok=True)
     (args.out / "runs").mkdir(exist_ok=True)
     results_path = args.out / "results.jsonl"
-    if results_path.exists() and not args.resume:
+    if args.report_only and not results_path.exists():
+        raise SystemExit(f"--report-only: {results_path} does not exist")
+    if results_path.exists() and not (args.resume or args.report_only):
         raise SystemExit(f"{results_path} exists: pass --resume to continue it, or choose another --out")
 
     calib_sha = None
@@ -714,6 +729,9 @@ def driver(args: argparse.Namespace) -> int:
     for i, key in enumerate(plan, 1):
         if key in done:
             logger.info("[%d/%d] %s: already done (ppl %.4f), skipping", i, len(plan), key, done[key]["ppl"])
+            continue
+        if args.report_only:
+            logger.info("[%d/%d] %s: no record (--report-only: not running it)", i, len(plan), key)
             continue
         safe = key.replace("/", "_")
         record_path = args.out / "runs" / f"{safe}.json"
@@ -811,6 +829,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", type=Path, default=_common.DEFAULT_EVAL_PATH, help="evaluation text file")
     p.add_argument("--out", type=Path, default=Path("bench_out/real_model"), help="output folder")
     p.add_argument("--resume", action="store_true", help="continue results.jsonl in --out, skipping finished runs")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: rewrite results.md and the plot from the records already in --out/results.jsonl",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's default)")
     p.add_argument("--device", default=None, help="device to quantize on (default: the library's choice / cpu)")
     p.add_argument("--run-timeout", type=float, default=None, help="seconds before a run is killed (default: none)")
