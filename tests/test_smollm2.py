@@ -45,7 +45,10 @@ def test_w4_g128_is_close_to_fp32_and_beats_rtn(smollm2, shared_data):
 
     fp = ppl(load())
     results = {}
-    common = {"bits": 4, "group_size": 128, "dataset": windows, "num_samples": 16, "seq_len": 512, "rounds": 2, "batch_size": 8}
+    common = {
+        "bits": 4, "group_size": 128, "dataset": windows, "num_samples": 16, "seq_len": 512, "rounds": 2,
+        "batch_size": 8,
+    }
     variants = {
         "rtn": {"method": "rtn", "blockwise": False},
         "layerwise": {"method": "decoupleq", "blockwise": False},

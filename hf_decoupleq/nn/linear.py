@@ -105,9 +105,9 @@ class DecoupleQLinear(nn.Module):
         - Gradients: whenever grad mode is on and ``x``, ``scales``, ``zeros`` or ``bias`` require grad, forward
           takes a differentiable PyTorch path (the custom ops have no autograd formula).
 
-    With ``hadamard_signs``, ``x`` is first rotated to ``x V^T`` (a fast Walsh-Hadamard transform, ``O(K log b)``
-    per row: the Triton kernel of :mod:`hf_decoupleq.kernels.hadamard` where the Triton backend runs, PyTorch
-    otherwise, differentiable there) and the rotated activations go through the backends above.
+    With ``hadamard_signs``, ``x`` is first rotated to ``x V^T`` (a fast Hadamard transform: the Triton kernel of
+    :mod:`hf_decoupleq.kernels.hadamard` where the Triton backend runs, otherwise :func:`hf_decoupleq.hadamard.fwht`'s
+    Kronecker-factored matmuls, differentiable) and the rotated activations go through the backends above.
 
     The output has ``x``'s dtype and is accurate to the lower precision of ``x``'s dtype and the module's dtype.
     """
