@@ -27,6 +27,23 @@ WIKI_VALID = SHARED_DATA / "wikitext2" / "wiki.valid.tokens"
 WIKI_TEST = SHARED_DATA / "wikitext2" / "wiki.test.raw"
 
 
+def small_config(**overrides):
+    """A fast DecoupleQConfig for the tiny models' end-to-end tests (4 windows of 32 tokens, 1 block-wise epoch)."""
+    from hf_decoupleq import DecoupleQConfig
+
+    base = {
+        "bits": 2,
+        "group_size": 16,
+        "dataset": str(WIKI_VALID),
+        "num_samples": 4,
+        "seq_len": 32,
+        "blockwise_epochs": 1,
+        "blockwise_lr": 1e-4,
+        "rounds": 2,
+    }
+    return DecoupleQConfig(**{**base, **overrides})
+
+
 def build_tiny_tokenizer(text: str, vocab_size: int = 128):
     """A word-level tokenizer trained offline on `text` (no Hub access needed)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

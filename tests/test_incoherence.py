@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from conftest import WIKI_VALID, build_tiny_model
+from conftest import build_tiny_model, small_config
 from hf_decoupleq.kernels import interpreting, reference, triton_available
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -405,24 +405,9 @@ def test_plain_and_incoherent_results_write_their_format_versions():
 
 
 # ----------------------------------------------------------------------------------------- end to end
-def small_config(**overrides):
-    base = {
-        "bits": 2,
-        "group_size": 16,
-        "dataset": str(WIKI_VALID),
-        "num_samples": 4,
-        "seq_len": 32,
-        "blockwise_epochs": 1,
-        "blockwise_lr": 1e-4,
-        "rounds": 2,
-        "incoherence": True,
-    }
-    return DecoupleQConfig(**{**base, **overrides})
-
-
 def quantize(path, **overrides):
     return AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=small_config(**overrides), dtype=torch.float32
+        path, quantization_config=small_config(**{"incoherence": True, **overrides}), dtype=torch.float32
     )
 
 

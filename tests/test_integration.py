@@ -5,29 +5,14 @@ import logging
 
 import pytest
 import torch
-from conftest import WIKI_VALID
+from conftest import small_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import hf_decoupleq  # noqa: F401  (registers "decoupleq")
-from hf_decoupleq import DecoupleQConfig, DecoupleQLinear
+from hf_decoupleq import DecoupleQLinear
 from hf_decoupleq.errors import DecoupleQCheckpointError, DecoupleQConfigError, UnsupportedModelError
 from hf_decoupleq.integration import find_decoder_blocks
-
-
-def small_config(**overrides):
-    kw = {
-        "bits": 2,
-        "group_size": 16,
-        "dataset": str(WIKI_VALID),
-        "num_samples": 4,
-        "seq_len": 32,
-        "blockwise_epochs": 1,
-        "blockwise_lr": 1e-4,
-        "rounds": 2,
-    }
-    kw.update(overrides)
-    return DecoupleQConfig(**kw)
 
 
 def quantize(path, **overrides):
