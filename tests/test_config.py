@@ -53,6 +53,15 @@ def test_defaults_follow_the_paper():
     assert cfg.effective_modules_to_not_convert == ["lm_head"]
 
 
+def test_incoherence_is_on_by_default_but_old_checkpoint_configs_read_as_plain():
+    assert DecoupleQConfig().incoherence is True
+    d = DecoupleQConfig(incoherence=False).to_dict()
+    assert DecoupleQConfig.from_dict(d).incoherence is False
+    d.pop("incoherence")  # a config.json written before the option existed
+    assert DecoupleQConfig.from_dict(d).incoherence is False
+    assert DecoupleQConfig.from_dict({**d, "incoherence": True}).incoherence is True
+
+
 def test_newer_format_version_refused():
     with pytest.raises(DecoupleQConfigError, match="upgrade"):
         DecoupleQConfig(format_version=10**6)

@@ -50,24 +50,25 @@ def test_w4_g128_is_close_to_fp32_and_beats_rtn(smollm2, shared_data):
         "batch_size": 8,
     }
     variants = {
-        "rtn": {"method": "rtn", "blockwise": False},
-        "layerwise": {"method": "decoupleq", "blockwise": False},
-        # The full method as the benchmark runs it: bf16 calibration forwards, SignSGD block-wise stage, 1 epoch.
-        "full": {
-            "method": "decoupleq", "blockwise": True, "blockwise_optimizer": "signsgd", "blockwise_epochs": 1,
-            "calibration_dtype": "bfloat16",
-        },
+        "rtn": {"method": "rtn", "blockwise": False, "incoherence": False},
+        # The plain layer-wise stage keeps the path without incoherence covered on a real model.
+        "layerwise": {"method": "decoupleq", "blockwise": False, "incoherence": False},
+        # The full method with the library defaults (SignSGD block-wise stage for 1 epoch, incoherence processing),
+        # with the benchmark's bf16 calibration forwards.
+        "full": {"method": "decoupleq", "calibration_dtype": "bfloat16"},
     }
     for label, kw in variants.items():
         model = load()
         hf_decoupleq.quantize(model, DecoupleQConfig(**common, **kw))
         assert sum(isinstance(m, DecoupleQLinear) for m in model.modules()) == 30 * 7
+        assert all((m.hadamard_signs is not None) == (label == "full") for m in model.modules()
+                   if isinstance(m, DecoupleQLinear))  # fmt: skip
         results[label] = ppl(model)
     print(f"SmolLM2 W4 g128 perplexity: fp32 {fp:.3f}, " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
     assert results["layerwise"] < results["rtn"] and results["full"] < results["rtn"], (fp, results)
-    # Layer-wise only, 16 windows: measured 1.164x fp32 (RTN 1.73x); the GGUF source weights already sit on a 4-bit
-    # group-32 grid, which group 128 cannot follow.
+    # Layer-wise only, no incoherence, 16 windows: measured 1.164x fp32 (RTN 1.73x); the GGUF source weights
+    # already sit on a 4-bit group-32 grid, which group 128 cannot follow.
     assert results["layerwise"] < 1.20 * fp, (fp, results)
-    # Full method, same 16 windows: measured 1.163x fp32 (layer-wise 1.158x). The 15% target is not met with
-    # this small calibration set (the benchmark's 128 windows give 1.11x); this bound guards the current behaviour.
-    assert results["full"] < 1.20 * fp, (fp, results)
+    # The target: the full method within 15% of fp32. Measured with these 16 windows: 1.082x with the
+    # defaults (incoherence on); 1.147x with incoherence=False.
+    assert results["full"] < 1.15 * fp, (fp, results)

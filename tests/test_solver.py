@@ -16,6 +16,7 @@ from hf_decoupleq.solver import (
     HessianAccumulator,
     QuantResult,
     clip_search,
+    coordinate_descent,
     gptq_round,
     prepare_gptq,
     scale_zero_step,
@@ -177,6 +178,66 @@ def test_gptq_beats_rtn_and_float32_path_agrees():
     assert g32.loss.sum() < 0.8 * rtn.loss.sum()
     assert (g32.codes != g64.codes).float().mean() < 0.02
     assert abs(g32.loss.sum() - g64.loss.sum()) <= 0.02 * g64.loss.sum()
+
+
+# ------------------------------------------------------------------------------------------- coordinate descent
+def _loss_of(w, codes, s, z, g, x):
+    idx = torch.arange(w.shape[1]) // g
+    return explicit_loss(w, s.double()[:, idx] * codes.double() + z.double()[:, idx], x)
+
+
+@pytest.mark.parametrize("bits,g,block", [(2, 4, 5), (3, 6, 128), (2, 12, 1)])
+def test_coordinate_descent_ends_at_a_brute_force_coordinate_minimum(bits, g, block):
+    """After enough sweeps no single code change lowers any row's loss (checked by trying every code of every
+    coordinate against the explicit X), and every sweep only lowers each row's loss."""
+    k, n = 12, 5
+    x = make_x(k, 80, seed=41, correlated=True)
+    h = hessian_of(x)
+    gen = torch.Generator().manual_seed(42)
+    w = torch.randn(n, k, generator=gen, dtype=F64)
+    s = torch.rand(n, math.ceil(k / g), generator=gen, dtype=F64) + 0.3
+    z = -s * (2 ** (bits - 1)) + 0.1 * torch.randn(s.shape, generator=gen, dtype=F64)
+    codes = torch.randint(0, 2**bits, (n, k), generator=gen).double()
+    losses = [_loss_of(w, codes, s, z, g, x)]
+    for _ in range(30):
+        codes = coordinate_descent(w, h, codes, s, z, bits, g, sweeps=1, block_size=block)
+        losses.append(_loss_of(w, codes, s, z, g, x))
+        assert torch.all(losses[-1] <= losses[-2] * (1 + 1e-12) + 1e-12)
+    assert codes.min() >= 0 and codes.max() <= 2**bits - 1 and torch.equal(codes, codes.round())
+    assert torch.all(losses[-1] < 0.5 * losses[0])
+    best = losses[-1]
+    for i, col, c in itertools.product(range(n), range(k), range(2**bits)):
+        trial = codes.clone()
+        trial[i, col] = c
+        assert _loss_of(w[i : i + 1], trial[i : i + 1], s[i : i + 1], z[i : i + 1], g, x)[0] >= best[i] * (1 - 1e-10)
+
+
+def test_coordinate_descent_blocking_does_not_change_the_result_and_dead_columns_keep_codes():
+    k, g, bits = 40, 8, 2
+    x = make_x(k, 200, seed=43, correlated=True)
+    x[7] = 0.0  # a dead input channel: H row/column 7 is zero
+    h = hessian_of(x)
+    gen = torch.Generator().manual_seed(44)
+    w = torch.randn(16, k, generator=gen, dtype=F64)
+    s, z = ref_minmax(w, bits, g)
+    start = torch.randint(0, 4, w.shape, generator=gen).double()
+    a = coordinate_descent(w, h, start, s, z, bits, g, sweeps=2, block_size=128)
+    b = coordinate_descent(w, h, start, s, z, bits, g, sweeps=2, block_size=3)
+    assert torch.equal(a, b)
+    assert torch.equal(a[:, 7], start[:, 7])
+
+
+def test_solve_layer_with_coordinate_descent_lowers_the_loss():
+    k = 64
+    x = make_x(k, 256, seed=45, correlated=True)
+    h = hessian_of(x)
+    w = torch.randn(48, k, generator=torch.Generator().manual_seed(46))
+    plain = solve_layer(w, h, bits=2, group_size=16)
+    cd = solve_layer(w, h, bits=2, group_size=16, cd_sweeps=2)
+    assert torch.allclose(cd.loss, explicit_loss(w, cd.dequantize(), x), rtol=1e-4)
+    assert float(cd.loss.sum()) < float(plain.loss.sum())
+    hist = cd.stats["loss_per_round"]
+    assert all(b <= a for a, b in itertools.pairwise(hist)), hist
 
 
 # ------------------------------------------------------------------------------------------- (s, z) step
@@ -481,6 +542,8 @@ def test_invalid_arguments_raise_clear_errors():
         solve_layer(w, h, rounds=-1)
     with pytest.raises(DecoupleQConfigError, match="damp"):
         solve_layer(w, h, damp=0.0)
+    with pytest.raises(DecoupleQConfigError, match="cd_sweeps"):
+        solve_layer(w, h, cd_sweeps=-1)
     bad = w.clone()
     bad[1, 2] = float("nan")
     with pytest.raises(DecoupleQNumericalError, match="weight.*NaN"):

@@ -10,7 +10,7 @@ from .blockwise import BlockwiseResult, FakeQuantLinear, refine_block
 from .hessian import HessianAccumulator, inverse_cholesky_upper
 from .layerwise import METHODS, QuantResult, scale_zero_step, solve_layer
 from .quant import SUPPORTED_BITS, clip_search, dequantize, minmax_params, row_losses, rtn_codes
-from .rounding import GPTQFactor, gptq_round, prepare_gptq
+from .rounding import GPTQFactor, coordinate_descent, gptq_round, prepare_gptq
 
 __all__ = [
     "METHODS",
@@ -21,6 +21,7 @@ __all__ = [
     "HessianAccumulator",
     "QuantResult",
     "clip_search",
+    "coordinate_descent",
     "dequantize",
     "gptq_round",
     "inverse_cholesky_upper",

@@ -25,7 +25,7 @@ from .quant import (
     sanitize_scales,
     validate_bits,
 )
-from .rounding import DEFAULT_BLOCK_SIZE, gptq_round, prepare_gptq
+from .rounding import DEFAULT_BLOCK_SIZE, coordinate_descent, gptq_round, prepare_gptq
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def scale_zero_step(
     return s, -s * zint
 
 
-def _validate(weight, H, bits, group_size, method, rounds, damp, compute_dtype, block_size, name):
+def _validate(weight, H, bits, group_size, method, rounds, damp, compute_dtype, block_size, name, cd_sweeps=0):
     label = f"layer {name!r}: " if name else ""
     validate_bits(bits)
     if method not in METHODS:
@@ -265,6 +265,8 @@ def _validate(weight, H, bits, group_size, method, rounds, damp, compute_dtype, 
         raise DecoupleQConfigError(f"{label}compute_dtype={compute_dtype} must be torch.float32 or torch.float64")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise DecoupleQConfigError(f"{label}block_size={block_size!r} must be a positive int")
+    if isinstance(cd_sweeps, bool) or not isinstance(cd_sweeps, int) or cd_sweeps < 0:
+        raise DecoupleQConfigError(f"{label}cd_sweeps={cd_sweeps!r} must be an int >= 0")
     if not torch.isfinite(weight).all():
         raise DecoupleQNumericalError(f"{label}weight {tuple(weight.shape)} contains NaN or Inf")
     if not torch.isfinite(H).all():
@@ -311,6 +313,7 @@ def solve_layer(
     early_stop_frac: float = 0.01,
     compute_dtype: torch.dtype = torch.float32,
     clip_dtype: torch.dtype | None = None,
+    cd_sweeps: int = 0,
 ) -> QuantResult:
     """Quantize one linear layer's weight against its input Hessian (method.md, layer-wise stage).
 
@@ -336,6 +339,11 @@ def solve_layer(
             it is fast (CUDA, CPUs with native bf16 matmul) and ``compute_dtype`` elsewhere or when
             ``compute_dtype`` is float64: the search only ranks candidates, and on SmolLM2 layers the final loss
             is the same either way while the search costs about half.
+        cd_sweeps: for ``"decoupleq"``, sweeps of :func:`~hf_decoupleq.solver.rounding.coordinate_descent` over the
+            codes after the first rounding and after every q-step (kept per row where they lower the loss). They
+            always lower the proxy loss, but on SmolLM2 W2 g64 (layer-wise only, 32 calibration windows, 4 test
+            windows) one sweep changed perplexity 231 -> 207 without incoherence and 93.8 -> 98.5 with it, for
+            35-70% more quantization time, so it is off by default and not a `DecoupleQConfig` option.
 
     Returns:
         A :class:`QuantResult`; ``loss`` is evaluated in float64 with the undamped ``H``.
@@ -345,7 +353,7 @@ def solve_layer(
         DecoupleQNumericalError: NaN/Inf in ``weight`` or ``H``, or ``H`` stays singular after dampening.
     """
     t0 = time.perf_counter()
-    _validate(weight, H, bits, group_size, method, rounds, damp, compute_dtype, block_size, name)
+    _validate(weight, H, bits, group_size, method, rounds, damp, compute_dtype, block_size, name, cd_sweeps)
     k = weight.shape[1]
     g = effective_group_size(group_size, k)
     cd = compute_dtype
@@ -359,6 +367,13 @@ def solve_layer(
         loss = row_losses(wr - dequantize(codes, s, z, g), h)
         # A non-finite candidate must never win a keep-best comparison.
         return torch.nan_to_num(loss, nan=math.inf)
+
+    def refine(wr, codes, s, z, loss):
+        # Coordinate descent from the current codes, kept per row only where it lowered the (undamped) loss.
+        codes_cd = coordinate_descent(wr, h, codes, s, z, bits, g, cd_sweeps, block_size)
+        loss_cd = losses_of(wr, codes_cd, s, z)
+        take = loss_cd < loss
+        return torch.where(take[:, None], codes_cd, codes), torch.where(take, loss_cd, loss)
 
     if method == "decoupleq":
         if clip_dtype is None:
@@ -381,6 +396,8 @@ def solve_layer(
             stats["rows_gptq_first"] = float(take.float().mean())
             codes = torch.where(take[:, None], codes_g, codes)
             loss = torch.minimum(loss, loss_g)
+            if cd_sweeps:
+                codes, loss = refine(w, codes, s, z, loss)
             history.append(float(loss.sum()))
             # Rows are independent and both steps are deterministic, so a row whose codes did not change in the
             # last q-step is at a fixed point (its (s, z) is already optimal for its codes, and re-rounding with
@@ -401,12 +418,15 @@ def solve_layer(
                 codes_g = gptq_round(wa, sa, za, bits, g, factor, block_size)
                 loss_q = losses_of(wa, codes_g, sa, za)
                 take = loss_q < la
-                ca = torch.where(take[:, None], codes_g, ca)
+                ca_new = torch.where(take[:, None], codes_g, ca)
                 la = torch.where(take, loss_q, la)
-                s[active], z[active], codes[active], loss[active] = sa, za, ca, la
+                if cd_sweeps:
+                    ca_new, la = refine(wa, ca_new, sa, za, la)
+                changed = (ca_new != ca).any(dim=1)
+                s[active], z[active], codes[active], loss[active] = sa, za, ca_new, la
                 history.append(float(loss.sum()))
                 stats["rounds_run"] += 1
-                active = active[take]
+                active = active[changed]
         else:
             codes = codes_g
     scales = s.float()
