@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import DecoupleQConfigError
 from .layerwise import QuantResult
-from .quant import max_code, num_groups
+from .quant import dequantize, max_code, num_groups
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +64,6 @@ class FakeQuantLinear(nn.Module):
         self.group_size = group_size
         self.bits = bits
         self.register_buffer("codes", codes.detach().to(torch.uint8).clone())
-        self.register_buffer(
-            "group_index", torch.arange(in_features, device=codes.device) // group_size, persistent=False
-        )
         self.scales = nn.Parameter(scales.detach().float().clone())
         self.zeros = nn.Parameter(zeros.detach().float().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -94,8 +91,7 @@ class FakeQuantLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """``W_hat`` ``[out, in]`` float32, differentiable in ``scales`` and ``zeros``."""
-        idx = self.group_index
-        return torch.addcmul(self.zeros[:, idx], self.scales[:, idx], self.codes.to(self.scales.dtype))
+        return dequantize(self.codes, self.scales, self.zeros, self.group_size)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -270,7 +266,7 @@ class _SignSGD:
         lr_t = self.lr * (1.0 - self.done / self.total)
         for p, unit in zip(self.params, self.units):
             if p.grad is not None:
-                p.sub_(lr_t * unit * p.grad.sign())
+                p.addcmul_(unit, p.grad.sign(), value=-lr_t)
         self.done += 1
 
 

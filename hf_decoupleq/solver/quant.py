@@ -151,11 +151,23 @@ def rtn_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: 
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``W_hat = s * q + z`` groupwise, in the dtype of ``scales``."""
-    k = codes.shape[1]
-    s = expand_groups(scales, group_size, k)
-    z = expand_groups(zeros, group_size, k)
-    return torch.addcmul(z, codes.to(s.dtype), s)
+    """``W_hat = s * q + z`` groupwise, in the dtype of ``scales``.
+
+    Scales and zeros are broadcast over ``[N, G, group_size]`` views of the codes rather than gathered per column,
+    so under autograd their gradients are plain sums over each group (a gather's backward is a scattered
+    ``index_put`` with accumulation, which dominated the block-wise stage's step time on CPUs).
+    """
+    n, k = codes.shape
+    q = codes.to(scales.dtype)
+    nfull = k // group_size
+    full = nfull * group_size
+    parts = []
+    if nfull:
+        grouped = q[:, :full].reshape(n, nfull, group_size)
+        parts.append(torch.addcmul(zeros[:, :nfull, None], scales[:, :nfull, None], grouped).reshape(n, full))
+    if full < k:  # a shorter last group
+        parts.append(torch.addcmul(zeros[:, nfull : nfull + 1], scales[:, nfull : nfull + 1], q[:, full:]))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def row_losses(err: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
