@@ -236,6 +236,12 @@ def quantize_decoupleq(model, tokenizer, windows, setting: Setting, method: str,
     quantize(model, cfg, tokenizer=tokenizer)
     quant_s = time.perf_counter() - t0
     out = {"quant_s": quant_s, "library_config": {k: v for k, v in cfg.to_dict().items() if k != "quantization_stats"}}
+    # Where the time went, summed over blocks (the pipeline's own per-block timers).
+    blocks = (getattr(cfg, "quantization_stats", None) or {}).get("blocks", [])
+    out["quant_phases_s"] = {
+        phase: round(sum(b.get(f"seconds_{phase}", 0.0) for b in blocks), 1)
+        for phase in ("calibration_passes", "solve", "blockwise")
+    }
     out.update(decoupleq_linear_stats(model))
     out["packed_size_bytes"] = _common.unique_tensor_bytes(model.state_dict())
     out["packed_size_source"] = "state_dict of the packed model (DecoupleQLinear buffers + unquantized tensors)"
