@@ -573,3 +573,39 @@ def test_solver_import_is_free_of_transformers():
         )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("shape", [(64, 300, 256), (3, 5, 4)])  # oneDNN-sized and tiny (plain matmul)
+def test_matmul_nt_matches_float64_on_strided_inputs(shape):
+    from hf_decoupleq.solver import matmul as mm
+
+    m, k, n = shape
+    g = torch.Generator().manual_seed(7)
+    a_full = torch.randn(k, m + 3, generator=g)
+    b = torch.randn(n, k, generator=g)
+    a = a_full[:, 1 : m + 1].T  # a transposed, offset view, as the Hessian panels pass it
+    ref = a.double() @ b.double().T
+    out = mm.matmul_nt(a, b)
+    assert out.dtype == torch.float32 and out.shape == (m, n)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+    # The fallback (oneDNN marked unusable) computes the same product.
+    saved = dict(mm._state)
+    try:
+        mm._state["usable"] = False
+        torch.testing.assert_close(mm.matmul_nt(a, b).double(), ref, rtol=1e-5, atol=1e-4)
+    finally:
+        mm._state.update(saved)
+
+
+def test_matmul_nt_keeps_autograd_and_other_dtypes():
+    from hf_decoupleq.solver.matmul import matmul_nt
+
+    g = torch.Generator().manual_seed(8)
+    a = torch.randn(64, 256, generator=g, requires_grad=True)
+    b = torch.randn(300, 256, generator=g)
+    matmul_nt(a, b).sum().backward()  # needs the autograd-aware path
+    torch.testing.assert_close(a.grad, b.sum(0).expand(64, -1), rtol=1e-5, atol=1e-4)
+    a64, b64 = a.detach().double(), b.double()
+    out = matmul_nt(a64, b64)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, a64 @ b64.T, rtol=0, atol=0)

@@ -604,20 +604,21 @@ def write_report(args: argparse.Namespace, rows: list[dict[str, Any]], methods: 
             "run's own process (load + quantize + evaluate)."
         ),
     ]
-    cpus = {r.get("env", {}).get("cpu") for r in ok}
+    cpus = {machine_label(r.get("env", {})) for r in ok}
     if len(cpus) > 1:
         # Runs from several machines (e.g. a table completed later with --resume): times compare within a CPU only.
         notes.append(
             "Machines: "
             + "; ".join(
-                f"{cpu}: " + ", ".join(f"{r['method']}/{r['setting']}" for r in ok if r.get("env", {}).get("cpu") == cpu)
+                f"{cpu}: "
+                + ", ".join(f"{r['method']}/{r['setting']}" for r in ok if machine_label(r.get("env", {})) == cpu)
                 for cpu in sorted(c for c in cpus if c)
             )
             + ". Quantization times compare only between runs on the same CPU."
         )
     if env:
         notes.append(
-            f"Environment: {env.get('cpu')}, {env.get('torch_threads')} torch threads, torch {env.get('torch')}, "
+            f"Environment: {machine_label(env)}, {env.get('torch_threads')} torch threads, torch {env.get('torch')}, "
             f"transformers {env.get('transformers')}, hf-decoupleq {env.get('hf_decoupleq')}"
             + (f", auto-round {env['auto_round']}" if env.get("auto_round") else "")
             + "."
@@ -671,6 +672,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def machine_label(env: dict[str, Any]) -> str | None:
+    """The CPU of a record's environment, with its family/model when recorded (older records have none)."""
+    cpu = env.get("cpu")
+    return f"{cpu} ({env['cpu_family']})" if cpu and env.get("cpu_family") else cpu
+
+
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     import importlib.metadata as md
 
@@ -681,13 +688,19 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
             return None
 
     cpu = platform.processor() or platform.machine()
+    cpu_family = None
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+            info = dict(ln.split(":", 1) for ln in f.read().split("\n\n", 1)[0].splitlines() if ":" in ln)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        cpu = info.get("model name", cpu)
+        # Virtual machines often report just "AMD EPYC": family/model tell the generations apart (26 = Zen 5).
+        cpu_family = f"family {info.get('cpu family')} model {info.get('model')}" if "cpu family" in info else None
     except OSError:
         pass
     return {
         "cpu": cpu,
+        "cpu_family": cpu_family,
         "cpu_count": os.cpu_count(),
         "torch_threads": args.threads or torch.get_num_threads(),
         "device": args.device or "cpu",

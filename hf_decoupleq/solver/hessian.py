@@ -7,6 +7,7 @@ import logging
 import torch
 
 from ..errors import DecoupleQConfigError, DecoupleQNumericalError
+from .matmul import matmul_nt
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ class HessianAccumulator:
         device: where ``H`` is accumulated; ``None`` means the device of the first batch added.
         name: the layer name, used in error messages.
         matmul_dtype: dtype of each batch's ``x^T x`` product. The running sum is always float64; float32 products
-            (one rounding per batch, ~1e-7 relative) take about half the time of float64 ones on CPUs.
+            (one rounding per batch, ~1e-7 relative) take about half the time of float64 ones on CPUs (a quarter
+            on AMD CPUs, where they run through oneDNN: :func:`hf_decoupleq.solver.matmul.matmul_nt`).
 
     Example:
         >>> acc = HessianAccumulator(4)
@@ -84,27 +86,31 @@ class HessianAccumulator:
             if self.device is None:
                 self.device = x.device
             self._sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=self.device)
-        x = x.to(device=self.device, dtype=self.matmul_dtype)
-        if not torch.isfinite(x).all():
+        # x^T as a contiguous [K, tokens] matrix in matmul_dtype (one pass for the cast and the transpose): every
+        # panel below is then a block of whole rows, the layout the fast GEMMs take without a copy.
+        xt = torch.empty((self.in_features, x.shape[0]), dtype=self.matmul_dtype, device=self.device)
+        xt.copy_(x.T)
+        if not torch.isfinite(xt).all():
             # Recorded rather than raised here: hessian() reports it once, with the layer name.
             self.nonfinite_batches += 1
             return
         # Called from forward hooks, possibly inside an autocast region: the product must stay in matmul_dtype.
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with torch.autocast(device_type=xt.device.type, enabled=False):
             if self.in_features < _TRIANGLE_MIN_K:
-                self._add_panel(x, 0, self.in_features)
+                self._add_panel(xt, 0, self.in_features)
             else:
                 for start in range(0, self.in_features, _PANEL):
-                    self._add_panel(x, start, min(self.in_features, start + _PANEL))
-        self.nsamples += x.shape[0]
+                    self._add_panel(xt, start, min(self.in_features, start + _PANEL))
+        self.nsamples += xt.shape[1]
 
-    def _add_panel(self, x: torch.Tensor, start: int, stop: int) -> None:
-        """``sum[start:stop, start:] += x[:, start:stop]^T x[:, start:]``."""
+    def _add_panel(self, xt: torch.Tensor, start: int, stop: int) -> None:
+        """``sum[start:stop, start:] += xt[start:stop] xt[start:]^T`` for ``xt = x^T`` (``[K, tokens]``)."""
         target = self._sum[start:stop, start:]
         if self.matmul_dtype == torch.float64:
-            target.addmm_(x[:, start:stop].T, x[:, start:])
+            target.addmm_(xt[start:stop], xt[start:].T)
         else:
-            target += (x[:, start:stop].T @ x[:, start:]).to(torch.float64)
+            # oneDNN's float32 GEMM where it is faster than the default one (see .matmul).
+            target += matmul_nt(xt[start:stop], xt[start:]).to(torch.float64)
 
     def hessian(self) -> torch.Tensor:
         """Return ``H = X X^T / n`` as ``[K, K]`` float64.
