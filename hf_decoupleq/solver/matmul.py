@@ -1,9 +1,9 @@
 """``a @ b.T`` for large float32 CPU matrices through oneDNN, with a plain ``matmul`` everywhere else.
 
 PyTorch runs IEEE float32 ``mm`` on CPUs through MKL, whose AVX-512 code paths are reserved for Intel processors:
-on AMD EPYC CPUs it runs AVX2 code at about half the speed of oneDNN's float32 GEMM (measured on the project's
-2-core Zen 5 machine, 4096 x 1536 x 1536: 98 ms with MKL, 55 ms with oneDNN; both IEEE float32, no implicit
-down-conversion). PyTorch already ships oneDNN (it serves bf16 matmuls and ``torch.compile``'s CPU linears), and
+on AMD EPYC CPUs it runs AVX2 code at about half the speed of oneDNN's float32 GEMM (the project's 2-core Zen 5
+machine, ``x^T x`` for x of 4096 x 1536: 93 ms with MKL, 44 ms with oneDNN, ``examples/benchmarks/bench_matmul.py``;
+both IEEE float32, no implicit down-conversion). PyTorch already ships oneDNN (it serves bf16 matmuls and ``torch.compile``'s CPU linears), and
 its ``mkldnn::_linear_pointwise`` operator takes ordinary dense tensors, so this module calls it for the
 solver's no-grad float32 products (the Hessian accumulation) and falls back to ``torch.matmul`` when oneDNN is not
 built in, the tensors are not plain 2-D float32 CPU tensors, autograd needs the product, or the operator fails.
