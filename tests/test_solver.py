@@ -575,26 +575,43 @@ def test_solver_import_is_free_of_transformers():
     assert out.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("shape", [(64, 300, 256), (3, 5, 4)])  # oneDNN-sized and tiny (plain matmul)
-def test_matmul_nt_matches_float64_on_strided_inputs(shape):
+@pytest.mark.parametrize(
+    "shape, contiguous, via_onednn",
+    [
+        ((64, 300, 256), True, True),  # large, row-major: oneDNN (the Hessian panels' layout)
+        ((64, 300, 256), False, False),  # a transposed offset view: plain matmul (oneDNN would pick a slow kernel)
+        ((3, 5, 4), True, False),  # tiny: plain matmul
+    ],
+)
+def test_matmul_nt_matches_float64_and_takes_the_expected_path(shape, contiguous, via_onednn, monkeypatch):
     from hf_decoupleq.solver import matmul as mm
 
     m, k, n = shape
     g = torch.Generator().manual_seed(7)
     a_full = torch.randn(k, m + 3, generator=g)
     b = torch.randn(n, k, generator=g)
-    a = a_full[:, 1 : m + 1].T  # a transposed, offset view, as the Hessian panels pass it
+    a = a_full[:, 1 : m + 1].T  # [m, k], not contiguous
+    if contiguous:
+        a = a.contiguous()
     ref = a.double() @ b.double().T
+    calls = []
+    real = mm._onednn_matmul_nt
+    monkeypatch.setattr(mm, "_onednn_matmul_nt", lambda x, y: calls.append(1) or real(x, y))
     out = mm.matmul_nt(a, b)
     assert out.dtype == torch.float32 and out.shape == (m, n)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
-    # The fallback (oneDNN marked unusable) computes the same product.
-    saved = dict(mm._state)
-    try:
-        mm._state["usable"] = False
-        torch.testing.assert_close(mm.matmul_nt(a, b).double(), ref, rtol=1e-5, atol=1e-4)
-    finally:
-        mm._state.update(saved)
+    onednn_built = torch.backends.mkldnn.is_available()
+    assert len(calls) == (1 if via_onednn and onednn_built else 0)
+    # A failing oneDNN call falls back to the plain product (and disables oneDNN from then on).
+    monkeypatch.setitem(mm._state, "usable", None)
+
+    def broken(x, y):
+        raise RuntimeError("no oneDNN here")
+
+    monkeypatch.setattr(mm, "_onednn_matmul_nt", broken)
+    torch.testing.assert_close(mm.matmul_nt(a, b).double(), ref, rtol=1e-5, atol=1e-4)
+    if via_onednn and onednn_built:
+        assert mm._state["usable"] is False
 
 
 def test_matmul_nt_keeps_autograd_and_other_dtypes():

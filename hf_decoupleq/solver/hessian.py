@@ -28,8 +28,8 @@ class HessianAccumulator:
         device: where ``H`` is accumulated; ``None`` means the device of the first batch added.
         name: the layer name, used in error messages.
         matmul_dtype: dtype of each batch's ``x^T x`` product. The running sum is always float64; float32 products
-            (one rounding per batch, ~1e-7 relative) take about half the time of float64 ones on CPUs (a quarter
-            on AMD CPUs, where they run through oneDNN: :func:`hf_decoupleq.solver.matmul.matmul_nt`).
+            (one rounding per batch, ~1e-7 relative) take about half the time of float64 ones on CPUs, less where
+            oneDNN's GEMM is faster than the default one (:func:`hf_decoupleq.solver.matmul.matmul_nt`).
 
     Example:
         >>> acc = HessianAccumulator(4)

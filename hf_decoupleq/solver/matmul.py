@@ -1,12 +1,13 @@
 """``a @ b.T`` for large float32 CPU matrices through oneDNN, with a plain ``matmul`` everywhere else.
 
-PyTorch runs IEEE float32 ``mm`` on CPUs through MKL, whose AVX-512 code paths are reserved for Intel processors:
-on AMD EPYC CPUs it runs AVX2 code at about half the speed of oneDNN's float32 GEMM (the project's 2-core Zen 5
-machine, ``x^T x`` for x of 4096 x 1536: 93 ms with MKL, 44 ms with oneDNN, ``examples/benchmarks/bench_matmul.py``;
-both IEEE float32, no implicit down-conversion). PyTorch already ships oneDNN (it serves bf16 matmuls and ``torch.compile``'s CPU linears), and
-its ``mkldnn::_linear_pointwise`` operator takes ordinary dense tensors, so this module calls it for the
-solver's no-grad float32 products (the Hessian accumulation) and falls back to ``torch.matmul`` when oneDNN is not
-built in, the tensors are not plain 2-D float32 CPU tensors, autograd needs the product, or the operator fails.
+PyTorch runs IEEE float32 ``mm`` on CPUs through MKL. On the project's 2-core AMD EPYC (Zen 5) machine that is about
+half as fast as oneDNN's float32 GEMM (``x^T x`` for x of 4096 x 1536: 93 ms vs 44 ms,
+``examples/benchmarks/bench_matmul.py``), consistent with MKL choosing AVX2 code on non-Intel processors; both are
+IEEE float32 with float32 accumulation. PyTorch already ships oneDNN (it serves bf16 matmuls and ``torch.compile``'s
+CPU linears), and its ``mkldnn::_linear_pointwise`` operator takes ordinary dense tensors, so this module calls it for
+the solver's no-grad float32 products (the Hessian accumulation). It falls back to ``a @ b.T`` when oneDNN is not
+built in, the tensors are not contiguous 2-D float32 CPU tensors, autograd needs the product, the product is small,
+or the operator fails.
 """
 
 from __future__ import annotations
@@ -31,12 +32,15 @@ def _onednn_usable() -> bool:
     return usable
 
 
+def _onednn_matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+
 def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b.T`` for 2-D ``a`` ``[M, K]`` and ``b`` ``[N, K]``, in their common dtype.
 
     Large float32 CPU products of contiguous (row-major) tensors without autograd go through oneDNN; everything
-    else is ``a @ b.T``. Both give
-    float32-accurate results (float32 accumulation), though not bit-identical ones.
+    else is ``a @ b.T``. Both are float32-accurate (float32 accumulation), though not bit-identical.
     """
     if (
         a.dim() == 2
@@ -53,7 +57,7 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         and _onednn_usable()
     ):
         try:
-            return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+            return _onednn_matmul_nt(a, b)
         except (RuntimeError, NotImplementedError) as exc:  # an unusual build: use the plain product from now on
             logger.debug("oneDNN float32 matmul unavailable (%s); using torch.matmul", exc)
             _state["usable"] = False
