@@ -28,6 +28,7 @@ _LAZY_ATTRS = {
     "prepare_for_training": "hf_decoupleq.training",
     "solve_layer": "hf_decoupleq.solver",
     "HessianAccumulator": "hf_decoupleq.solver",
+    "export_gguf": "hf_decoupleq.export",
 }
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "DecoupleQLinear",
     "HessianAccumulator",
     "__version__",
+    "export_gguf",
     "prepare_for_training",
     "quantize",
     "quantize_model",

@@ -5,6 +5,7 @@
     decoupleq quantize MODEL --bits 2 --group-size 64 --dataset wikitext2|PATH|self --output DIR [--push-to-hub REPO]
     decoupleq eval DIR --dataset PATH [--seq-len 2048] [--max-windows 40]
     decoupleq generate DIR --prompt "..." [--max-new-tokens 50]
+    decoupleq export DIR --format gguf[:TYPE] --output model.gguf [--allow-lossy]
 
 ``MODEL`` is a Hub id, a local checkpoint folder, or a ``.gguf`` file. Every field of `DecoupleQConfig` has a flag
 (built from its signature, so a new field gets one without touching this file). This module is the only place that
@@ -33,6 +34,7 @@ PROG = "decoupleq"
 NOT_FLAGS = {
     "format_version": "written by the library: the packed format this version produces",
     "quantization_stats": "written by the library after quantizing",
+    "packed_modules": "written by the library: the modules stored packed",
 }
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -143,7 +145,7 @@ def _load_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``decoupleq`` argument parser (commands ``quantize``, ``eval``, ``generate``)."""
+    """The ``decoupleq`` argument parser (commands ``quantize``, ``eval``, ``generate``, ``export``)."""
     parser = _Parser(prog=PROG, description="decoupleQ 2/3/4-bit weight quantization for Hugging Face transformers.")
     _common_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -186,6 +188,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", help="tokenizer Hub id or folder (default: the model's)")
     _load_options(g)
     _common_options(g)
+
+    x = sub.add_parser(
+        "export",
+        help="write a decoupleQ checkpoint as a GGUF file for llama.cpp / Ollama",
+        description="Write the checkpoint DIR as a GGUF file. W4 (and W2/W3) checkpoints without incoherence and with "
+        "group sizes that are multiples of 32 map exactly to Q4_1 (symmetric ones also to Q4_0); any other type needs "
+        "--allow-lossy, which requantizes the dequantized weights and reports the error it adds.",
+    )
+    x.add_argument("model", metavar="DIR", help="a saved decoupleQ checkpoint folder (with its tokenizer)")
+    x.add_argument(
+        "--format",
+        required=True,
+        metavar="gguf[:TYPE]",
+        help="gguf, or gguf:TYPE with TYPE one of q4_0, q4_1, q8_0, q5_0, q5_1, q2_k, q3_k, q4_k "
+        "(default: the type that holds the checkpoint exactly)",
+    )
+    x.add_argument("-o", "--output", required=True, metavar="FILE", help="the .gguf file to write")
+    x.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    x.add_argument(
+        "--allow-lossy", action="store_true", help="requantize layers the type cannot hold exactly (adds error)"
+    )
+    x.add_argument("--embedding-type", default="f16", help="type of token_embd.weight (default: f16)")
+    x.add_argument("--tokenizer-pre", help="llama.cpp pre-tokenizer name (default: recognized from tokenizer.json)")
+    _common_options(x)
     return parser
 
 
@@ -410,7 +436,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate}
+def cmd_export(args: argparse.Namespace) -> int:
+    """``decoupleq export``: write a checkpoint as a GGUF file."""
+    kind, _, qtype = args.format.partition(":")
+    if kind.lower() != "gguf":
+        raise UsageError(f"--format {args.format!r} is not supported: use gguf or gguf:TYPE")
+    if not os.path.isdir(args.model):
+        raise UsageError(f"checkpoint folder not found: {args.model!r}")
+    if os.path.exists(args.output) and not args.overwrite:
+        raise UsageError(f"--output {args.output!r} exists; pass --overwrite")
+    from .export import export_gguf
+
+    report = export_gguf(
+        args.model,
+        args.output,
+        qtype or None,
+        lossy=args.allow_lossy,
+        embedding_type=args.embedding_type,
+        tokenizer_pre=args.tokenizer_pre,
+    )
+    counts = ", ".join(f"{n} {t}" for t, n in sorted(report.type_counts().items()))
+    lossy = f", {len(report.lossy)} tensors requantized" if report.lossy else ", exact up to fp16 scales"
+    print(
+        f"wrote {report.path} ({report.file_size / 2**20:.1f} MiB; {counts}); relative weight error of the "
+        f"quantized layers {report.rel_error:.2e}{lossy}"
+    )
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

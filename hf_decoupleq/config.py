@@ -140,11 +140,14 @@ class DecoupleQConfig(QuantizationConfigMixin):
             transform on the input side of each quantized linear (`W -> W V^T`, `H -> V H V^T`), undone at
             inference by transforming the activations. On by default because it measured markedly more accurate at
             2, 3 and 4 bits on SmolLM2 for about 4% more quantization time (README, "Incoherence processing"); it
-            costs one Hadamard transform of each layer's input at inference (8% slower CPU decode) and writes
-            `format_version: 2` checkpoints. `False` gives the plain method and version-1 checkpoints.
+            costs one Hadamard transform per layer input at inference (layers that read the same input share it)
+            and writes `format_version: 3` checkpoints. `False` gives the plain method and version-1 checkpoints.
         checkpoint_dir (`str`, *optional*): save each finished block there atomically and resume from it.
         device (`str`, *optional*): device to solve on (default: CUDA if available, else where the block is).
         format_version (`int`): version of the packed format; written by this library, checked on load.
+        packed_modules (`list[str]`, *optional*): the modules stored packed (full names); written by this library
+            after quantizing, so that a reload rebuilds exactly those. `None` (checkpoints written before it
+            existed): every linear of every decoder block, minus `modules_to_not_convert`.
     """
 
     def __init__(
@@ -177,6 +180,7 @@ class DecoupleQConfig(QuantizationConfigMixin):
         device: str | None = None,
         format_version: int = FORMAT_VERSION,
         quantization_stats: dict | None = None,
+        packed_modules: list[str] | None = None,
         **kwargs,
     ):
         kwargs.pop("quant_method", None)
@@ -214,6 +218,7 @@ class DecoupleQConfig(QuantizationConfigMixin):
         self.device = None if device is None else str(device)
         self.format_version = format_version
         self.quantization_stats = quantization_stats
+        self.packed_modules = None if packed_modules is None else list(packed_modules)
         self.post_init()
 
     @classmethod
@@ -264,6 +269,8 @@ class DecoupleQConfig(QuantizationConfigMixin):
             isinstance(m, str) for m in self.modules_to_not_convert
         ):
             fail("modules_to_not_convert", "use a list of module names")
+        if self.packed_modules is not None and not all(isinstance(m, str) for m in self.packed_modules):
+            fail("packed_modules", "use a list of module names (written by the library)")
         if self.calibration_dtype is not None and self.calibration_dtype not in CALIBRATION_DTYPES:
             fail("calibration_dtype", f"use None (the model's dtype) or one of {list(CALIBRATION_DTYPES)}")
         if isinstance(self.dataset, str) and self.dataset.lower() in KNOWN_DATASETS:

@@ -34,6 +34,8 @@ import zlib
 import torch
 
 from .errors import DecoupleQConfigError
+from .format import MAX_HADAMARD_BLOCK as MAX_BLOCK
+from .format import hadamard_block_size as block_size
 
 __all__ = [
     "MAX_BLOCK",
@@ -49,24 +51,10 @@ __all__ = [
     "transform_weight",
 ]
 
-# Cap on the Hadamard block. Mixing more columns spreads outliers further; past a few thousand the gain is
-# small, and the Triton kernel keeps a whole block of a row in registers (4096 float32 values per row). Every
-# dimension of common LLMs is a multiple of a power of two <= 4096 (SmolLM2: 576 = 64 * 9 -> b = 64,
-# 1536 = 512 * 3 -> b = 512; Llama-2-7B: 4096 -> 4096, 11008 = 256 * 43 -> 256).
-MAX_BLOCK = 4096
-
 _SIGNS_DTYPE = torch.int8
 
 # Largest Hadamard factor applied as one matmul; larger blocks are products of such factors.
 _FACTOR = 64
-
-
-def block_size(in_features: int, max_block: int = MAX_BLOCK) -> int:
-    """The Hadamard block ``b`` for input dimension ``K``: the largest power of two dividing ``K``, capped at
-    ``max_block`` (1 for odd ``K``)."""
-    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
-        raise DecoupleQConfigError(f"in_features={in_features!r} must be a positive int")
-    return min(in_features & -in_features, max_block)
 
 
 def has_transform(in_features: int) -> bool:

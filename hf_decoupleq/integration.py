@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
+from .errors import DecoupleQCheckpointError, UnsupportedModelError
 from .hadamard import has_transform
 from .nn.linear import DecoupleQLinear
 
@@ -55,14 +55,56 @@ def _is_skipped(name: str, skip: Iterable[str]) -> bool:
     return False
 
 
+# Names of the routing linears of mixture-of-experts layers (a module with an `experts` child); they choose the
+# experts, so they stay in full precision, like transformers' own `_keep_in_fp32_modules`.
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+
+
+def _is_router(block: nn.Module, name: str) -> bool:
+    parent_name, _, leaf = name.rpartition(".")
+    if leaf not in ROUTER_NAMES:
+        return False
+    parent = block.get_submodule(parent_name) if parent_name else block
+    return hasattr(parent, "experts")
+
+
 def find_linears(block: nn.Module, prefix: str = "", skip: Iterable[str] = ()) -> dict[str, nn.Linear]:
-    """The `nn.Linear` modules of a block, by name relative to the block, minus the skipped ones."""
+    """The `nn.Linear` modules of a block, by name relative to the block, minus the skipped ones and MoE routers."""
     skip = list(skip)
     out = {}
     for name, module in block.named_modules():
-        if isinstance(module, nn.Linear) and not _is_skipped(f"{prefix}{name}", skip):
+        if isinstance(module, nn.Linear) and not _is_skipped(f"{prefix}{name}", skip) and not _is_router(block, name):
             out[name] = module
     return out
+
+
+def check_quantizable(model: nn.Module, skip: Iterable[str] = ()) -> None:
+    """Refuse decoder blocks holding weights that hf-decoupleq would silently leave dense: fused mixture-of-experts
+    weights (3-D parameters such as `mlp.experts.gate_up_proj` [experts, out, in], what transformers 5 builds for
+    Mixtral, Qwen3-MoE, GPT-OSS...). Convolutions (3-D kernels) are not linear layers and are left alone.
+
+    Raises:
+        UnsupportedModelError: naming the fused weights, and how to keep them in full precision on purpose.
+    """
+    prefix, blocks = find_decoder_blocks(model)
+    skip = list(skip)
+    fused = []
+    for index, block in enumerate(blocks):
+        block_prefix = f"{prefix}.{index}." if prefix else f"{index}."
+        for name, module in block.named_modules():
+            if isinstance(module, nn.modules.conv._ConvNd) or _is_skipped(f"{block_prefix}{name}", skip):
+                continue
+            for pname, param in module.named_parameters(recurse=False):
+                if param.dim() >= 3 and param.is_floating_point():
+                    fused.append(f"{block_prefix}{name}.{pname}" if name else f"{block_prefix}{pname}")
+    if fused:
+        owners = sorted({n.rsplit(".", 1)[0].split(".")[-1] for n in fused})
+        raise UnsupportedModelError(
+            f"{type(model).__name__} stores {len(fused)} weight(s) as fused 3-D tensors (e.g. {fused[0]!r}), as "
+            "transformers does for mixture-of-experts layers; hf-decoupleq quantizes nn.Linear layers only and will "
+            "not leave these dense without being told. To quantize everything else and keep them in full "
+            f"precision, pass modules_to_not_convert={owners!r} (lm_head stays in full precision anyway)"
+        )
 
 
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -79,36 +121,57 @@ def replace_with_decoupleq_linear(
     modules_to_not_convert: Iterable[str] = ("lm_head",),
     dtype: torch.dtype | None = None,
     incoherence: bool = False,
+    packed_modules: Iterable[str] | None = None,
 ) -> list[str]:
-    """Replace every linear of every decoder block by an empty `DecoupleQLinear` of the packed shapes.
+    """Replace linears by empty `DecoupleQLinear`s of the packed shapes.
 
     Used before the weights of a pre-quantized checkpoint load (the model is on the meta device then), so that
     the checkpoint's `qweight`/`scales`/`zeros` (and, with `incoherence`, `hadamard_signs` for every layer with an
-    even `in_features`, exactly the layers quantization rotates) load straight into the buffers. Returns the
-    replaced names.
+    even `in_features`, exactly the layers quantization rotates) load straight into the buffers. `packed_modules`
+    (the checkpoint's own list) names exactly the linears to replace; without it (checkpoints written before the
+    list existed) every linear of every decoder block except `modules_to_not_convert` is replaced. Each packed
+    module takes `dtype`, or else its linear's own dtype (so a model whose layers differ in dtype keeps them).
+    Returns the replaced names.
+
+    Raises:
+        DecoupleQCheckpointError: `packed_modules` names a module that is not a linear layer of this model.
     """
-    prefix, blocks = find_decoder_blocks(model)
-    replaced = []
-    skip = list(modules_to_not_convert)
-    for index, block in enumerate(blocks):
-        block_prefix = f"{prefix}.{index}." if prefix else f"{index}."
-        for name, linear in find_linears(block, block_prefix, skip).items():
-            device = linear.weight.device
-            new = DecoupleQLinear(
-                linear.in_features,
-                linear.out_features,
-                bits=bits,
-                group_size=group_size,
-                bias=linear.bias is not None,
-                dtype=dtype or linear.weight.dtype,
-                device=device,
-                incoherence=incoherence and has_transform(linear.in_features),
-            )
-            set_submodule(block, name, new)
-            replaced.append(block_prefix + name)
-    if not replaced:
+    if packed_modules is not None:
+        targets = {}
+        for name in packed_modules:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                module = None
+            if not isinstance(module, nn.Linear):
+                raise DecoupleQCheckpointError(
+                    f"the checkpoint's quantization_config lists {name!r} as packed, but {type(model).__name__} has "
+                    f"no linear layer of that name: the checkpoint and its config.json disagree"
+                )
+            targets[name] = module
+    else:
+        prefix, blocks = find_decoder_blocks(model)
+        skip = list(modules_to_not_convert)
+        targets = {}
+        for index, block in enumerate(blocks):
+            block_prefix = f"{prefix}.{index}." if prefix else f"{index}."
+            for name, linear in find_linears(block, block_prefix, skip).items():
+                targets[block_prefix + name] = linear
+    for name, linear in targets.items():
+        new = DecoupleQLinear(
+            linear.in_features,
+            linear.out_features,
+            bits=bits,
+            group_size=group_size,
+            bias=linear.bias is not None,
+            dtype=dtype or linear.weight.dtype,
+            device=linear.weight.device,
+            incoherence=incoherence and has_transform(linear.in_features),
+        )
+        set_submodule(model, name, new)
+    if not targets:
         raise UnsupportedModelError(f"no linear layer of {type(model).__name__} is left to quantize")
-    return replaced
+    return list(targets)
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

@@ -27,11 +27,19 @@ Scales and zeros are ``[ceil(K / g), N]`` in the model dtype, and
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .errors import DecoupleQConfigError
+from .format import (
+    SUPPORTED_BITS,
+    WORD_BITS,
+    check_bits,
+    codes_per_block,
+    effective_group_size,
+    num_groups,
+    packed_rows,
+    words_per_block,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -49,55 +57,19 @@ __all__ = [
 # The newest format this library reads. 1: the layout above. 2: adds, for incoherence processing
 # (`DecoupleQConfig.incoherence`), an int8 `hadamard_signs` tensor per layer and a weight stored in the rotated basis;
 # a reader that does not know it would silently compute garbage, so such checkpoints are marked 2 (readers refuse
-# versions they do not know). Checkpoints without it keep writing 1, which every reader understands.
-FORMAT_VERSION = 2
-SUPPORTED_BITS = (2, 3, 4, 8)
+# versions they do not know). Checkpoints without it keep writing 1, which every reader understands. 3: same tensors as
+# 2, but linears that read the same input (q/k/v, gate/up) share one rotation (identical signs), so an engine that
+# runs them as one merged linear (vLLM) rotates each input once; version-2 signs are per layer.
+FORMAT_VERSION = 3
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32)
 _WORD_MASK = 0xFFFFFFFF
 
 
 def required_format_version(incoherence: bool) -> int:
-    """The format version a checkpoint is written with: 2 if its layers carry Hadamard signs, else 1."""
-    return 2 if incoherence else 1
-
-
-def _check_bits(bits: int) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
-        raise DecoupleQConfigError(f"bits={bits!r} is not supported; allowed: {SUPPORTED_BITS}")
-
-
-def codes_per_block(bits: int) -> int:
-    """Smallest number of codes that fills a whole number of 32-bit words (16/32/8/4 for bits 2/3/4/8)."""
-    _check_bits(bits)
-    return math.lcm(32, bits) // bits
-
-
-def words_per_block(bits: int) -> int:
-    """Number of int32 words holding :func:`codes_per_block` codes (3 for 3 bits, 1 otherwise)."""
-    _check_bits(bits)
-    return math.lcm(32, bits) // 32
-
-
-def packed_rows(in_features: int, bits: int) -> int:
-    """Number of rows of ``qweight`` (int32 words along the input dimension) for ``in_features`` codes."""
-    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
-        raise DecoupleQConfigError(f"in_features={in_features!r} must be a positive int")
-    return -(-in_features // codes_per_block(bits)) * words_per_block(bits)
-
-
-def effective_group_size(in_features: int, group_size: int) -> int:
-    """Group size in columns: ``in_features`` for per-channel (``-1``) or any ``group_size >= in_features``."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size < 1 and group_size != -1):
-        raise DecoupleQConfigError(f"group_size={group_size!r} must be -1 (per-channel) or a positive int")
-    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
-        raise DecoupleQConfigError(f"in_features={in_features!r} must be a positive int")
-    return in_features if group_size == -1 or group_size >= in_features else group_size
-
-
-def num_groups(in_features: int, group_size: int) -> int:
-    """``ceil(in_features / g)`` with ``g`` the effective group size (rows of ``scales``/``zeros``)."""
-    return -(-in_features // effective_group_size(in_features, group_size))
+    """The format version a checkpoint is written with: 3 if its layers carry Hadamard signs (shared by the linears
+    that read the same input), else 1."""
+    return 3 if incoherence else 1
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -113,7 +85,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     Raises:
         DecoupleQConfigError: unsupported ``bits``, non-integer dtype, not 2-D / empty, or codes out of range.
     """
-    _check_bits(bits)
+    check_bits(bits)
     if not isinstance(codes, torch.Tensor):
         raise DecoupleQConfigError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
     if codes.dtype not in _INTEGER_DTYPES:
@@ -134,10 +106,10 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     words = torch.zeros(n_blocks, wpb, n_out, dtype=torch.int64, device=c.device)
     for j in range(cpb):
         pos = j * bits
-        w, sh = divmod(pos, 32)
+        w, sh = divmod(pos, WORD_BITS)
         words[:, w] |= (stream[:, j] << sh) & _WORD_MASK
-        if sh + bits > 32:  # straddling code (3 bits only): the high part goes to the next word
-            words[:, w + 1] |= stream[:, j] >> (32 - sh)
+        if sh + bits > WORD_BITS:  # straddling code (3 bits only): the high part goes to the next word
+            words[:, w + 1] |= stream[:, j] >> (WORD_BITS - sh)
     words = words.view(n_blocks * wpb, n_out)
     # Reinterpret the unsigned 32-bit values as two's complement int32.
     words = torch.where(words >= (1 << 31), words - (1 << 32), words)
@@ -151,7 +123,7 @@ def unpack(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
         DecoupleQConfigError: unsupported ``bits``, ``qweight`` not int32 2-D, or a row count that does not
             match ``packed_rows(in_features, bits)``.
     """
-    _check_bits(bits)
+    check_bits(bits)
     rows = packed_rows(in_features, bits)
     if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int32:
         got = qweight.dtype if isinstance(qweight, torch.Tensor) else type(qweight).__name__
@@ -168,9 +140,9 @@ def unpack(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     out = torch.empty(rows // wpb, cpb, n_out, dtype=torch.int64, device=qweight.device)
     for j in range(cpb):
         pos = j * bits
-        w, sh = divmod(pos, 32)
+        w, sh = divmod(pos, WORD_BITS)
         val = words[:, w] >> sh
-        if sh + bits > 32:
-            val = val | (words[:, w + 1] << (32 - sh))
+        if sh + bits > WORD_BITS:
+            val = val | (words[:, w + 1] << (WORD_BITS - sh))
         out[:, j] = val & mask
     return out.view(-1, n_out)[:in_features].T.to(torch.uint8).contiguous()

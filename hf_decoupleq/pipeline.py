@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 from .config import DecoupleQConfig
 from .errors import DecoupleQError, DecoupleQNumericalError, UnsupportedModelError
 from .hadamard import has_transform, random_signs, transform_hessian, transform_weight
-from .integration import find_decoder_blocks, find_linears, set_submodule
+from .integration import check_quantizable, find_decoder_blocks, find_linears, set_submodule
 from .nn.linear import DecoupleQLinear
 from .packing import required_format_version
-from .resume import ResumeStore
+from .resume import ResumeStore, calibration_fingerprint
 from .solver import FakeQuantLinear, HessianAccumulator, refine_block, solve_layer
 
 logger = logging.getLogger(__name__)
@@ -46,11 +46,16 @@ class StopForward(Exception):
 
 @dataclass
 class BlockInputs:
-    """Calibration inputs of one decoder block: hidden states per batch (CPU) and the keyword arguments the model
-    passes to its blocks (deduplicated: batches of equal shape share one dict)."""
+    """Calibration inputs of one decoder block: hidden states per batch (CPU) and, per batch, the keyword arguments
+    the model passes to this block in a plain forward (`kwargs`).
+
+    `all_kwargs[i]` holds those of block `i` (captured once, for every block: layers may differ, e.g. sliding or full
+    attention masks, local or global RoPE). Identical dicts are shared between batches and blocks, and identical
+    tensors between the dicts of one batch, so a model whose blocks all get the same arguments stores them once."""
 
     hidden: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
+    all_kwargs: list[list[dict[str, Any]]] | None = None
     _on_device: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def kwargs_on(self, index: int, device: torch.device) -> dict[str, Any]:
@@ -58,6 +63,12 @@ class BlockInputs:
         if key not in self._on_device:
             self._on_device[key] = _to_device(self.kwargs[index], device)
         return self._on_device[key]
+
+    def for_block(self, index: int, hidden: list[torch.Tensor]) -> BlockInputs:
+        """The inputs of block `index`: the given hidden states with that block's own keyword arguments."""
+        if self.all_kwargs is None:
+            return BlockInputs(hidden, self.kwargs)
+        return BlockInputs(hidden, self.all_kwargs[index], self.all_kwargs)
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
@@ -123,46 +134,114 @@ def _input_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+# Keyword arguments dropped from the captured block inputs: calibration forwards run without a KV cache.
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "cache")
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tensor, batch_size: int) -> BlockInputs:
-    """Run the model on the calibration windows up to the first decoder block and keep that block's inputs."""
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.Module | Sequence[nn.Module], windows: torch.Tensor, batch_size: int
+) -> BlockInputs:
+    """Run the model on the calibration windows and keep the first block's hidden-state inputs and every block's
+    keyword arguments (`BlockInputs.all_kwargs`), exactly as a plain forward passes them.
+
+    `blocks` is the decoder's block list (or a single block: then only its inputs are captured). The blocks do not
+    compute during the capture: each one's forward is replaced by the identity while its arguments are recorded
+    (attention masks and position embeddings are computed by the model before its block loop, not from the hidden
+    states), and the forward ends at the last block.
+    """
+    block_list = [blocks] if not isinstance(blocks, (nn.ModuleList, list, tuple)) else list(blocks)
+    last = len(block_list) - 1
     hidden: list[torch.Tensor] = []
-    kwargs_list: list[dict[str, Any]] = []
+    per_block: list[list[dict[str, Any]]] = [[] for _ in block_list]
+    batch = {"index": 0, "values": {}, "alive": [], "dicts": []}
 
-    def hook(module, args, kwargs):
-        kwargs = dict(kwargs)
-        if args:
-            h = args[0]
-        else:
-            h = kwargs.pop("hidden_states")
-        kwargs.pop("past_key_values", None)
-        kwargs.pop("past_key_value", None)
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = False
-        kwargs = _to_device(kwargs, torch.device("cpu"))
-        hidden.append(h.detach().to("cpu"))
-        if kwargs_list and _same(kwargs_list[-1], kwargs):
-            kwargs_list.append(kwargs_list[-1])
-        else:
-            kwargs_list.append(kwargs)
-        raise StopForward
+    def capture(value: Any) -> Any:
+        # One CPU copy per distinct tensor object within a batch (the model passes the same mask or RoPE tensors
+        # to many blocks); the originals stay referenced until the batch ends, so their ids stay unique.
+        if isinstance(value, torch.Tensor):
+            key = id(value)
+            if key not in batch["values"]:
+                batch["alive"].append(value)
+                batch["values"][key] = value.detach().to("cpu")
+            return batch["values"][key]
+        if isinstance(value, dict):
+            return {k: capture(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(capture(v) for v in value)
+        return value
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    def make_hook(i: int):
+        def hook(module, args, kwargs):
+            kwargs = dict(kwargs)
+            h = args[0] if args else kwargs.pop("hidden_states")
+            if len(args) > 1:
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} passes {len(args) - 1} positional argument(s) besides the hidden states "
+                    "to its decoder blocks; hf-decoupleq replays only keyword arguments and cannot calibrate it"
+                )
+            if len(per_block[i]) > batch["index"]:
+                raise UnsupportedModelError(
+                    f"decoder block {i} of {type(model).__name__} runs more than once per forward pass; hf-decoupleq "
+                    "cannot calibrate shared blocks"
+                )
+            for key in _CACHE_KWARGS:
+                kwargs.pop(key, None)
+            if "use_cache" in kwargs:
+                kwargs["use_cache"] = False
+            captured = capture(kwargs)
+            if i == 0:
+                hidden.append(h.detach().to("cpu"))
+            previous = per_block[i][-1] if per_block[i] else None
+            if previous is not None and _same(previous, captured):
+                captured = previous
+            else:
+                captured = next((d for d in batch["dicts"] if _same(d, captured)), captured)
+            if not any(d is captured for d in batch["dicts"]):
+                batch["dicts"].append(captured)
+            per_block[i].append(captured)
+            if i == last:
+                raise StopForward
+
+        return hook
+
+    def identity(h=None, *args, **kwargs):
+        return kwargs["hidden_states"] if h is None else h
+
+    handles = []
+    saved_forwards: list[tuple[nn.Module, Any]] = []
+    for i, block in enumerate(block_list):
+        handles.append(block.register_forward_pre_hook(make_hook(i), with_kwargs=True))
+        saved_forwards.append((block, block.__dict__.get("forward")))
+        block.forward = identity
     device = _input_device(model)
+    num_batches = (windows.shape[0] + batch_size - 1) // batch_size
     try:
-        for start in range(0, windows.shape[0], batch_size):
-            batch = windows[start : start + batch_size].to(device)
+        for batch["index"], start in enumerate(range(0, windows.shape[0], batch_size)):
+            batch.update(values={}, alive=[], dicts=[])
             try:
-                model(input_ids=batch, use_cache=False)
+                model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
             except StopForward:
                 pass
     finally:
-        handle.remove()
-    if len(hidden) != (windows.shape[0] + batch_size - 1) // batch_size:
+        for h in handles:
+            h.remove()
+        for block, forward in saved_forwards:
+            if forward is None:
+                del block.forward
+            else:  # e.g. an accelerate offload hook's wrapper
+                block.forward = forward
+    batch.clear()
+    if len(hidden) != num_batches:
         raise UnsupportedModelError(
             "the model's forward did not reach its first decoder block; hf-decoupleq cannot calibrate it"
         )
-    return BlockInputs(hidden, kwargs_list)
+    unreached = [i for i, kw in enumerate(per_block) if len(kw) != num_batches]
+    if unreached:
+        raise UnsupportedModelError(
+            f"the model's forward did not reach its decoder block(s) {unreached}; hf-decoupleq cannot calibrate it"
+        )
+    return BlockInputs(hidden, per_block[0], per_block)
 
 
 class ChildReplay:
@@ -322,7 +401,9 @@ def discover_sequential_groups(
         last_input = input_id
     never_called = [n for n in linears if n not in seen]
     if never_called:
-        logger.warning("linears %s were not called by the block's forward; they are left unquantized", never_called)
+        logger.warning(
+            "linears %s were not called by the block's forward; they stay dense (and reload dense)", never_called
+        )
     return groups
 
 
@@ -454,16 +535,18 @@ def quantize_block(
     def solve_group(group: Sequence[str], accs: dict[str, HessianAccumulator]) -> None:
         t_solve = time.perf_counter()
         H = accs[group[0]].hessian()
+        # One rotation per input (format 3): the linears of a group read the same tensor, so they share the signs
+        # drawn for the group's first layer, and the rotated Hessian V H V^T is computed once for all of them.
+        signs = _incoherence_signs(config, f"{block_name}.{group[0]}", linears[group[0]].in_features, device)
+        H_rot = None if signs is None else transform_hessian(H, signs)
         for name in group:
             linear = linears[name]
             full_name = f"{block_name}.{name}"
             weight, H_layer = linear.weight.detach().to(device), H
-            signs = _incoherence_signs(config, full_name, linear.in_features, device)
             if signs is not None:
-                # Quantize W V^T against V H V^T (per layer: every linear has its own signs); the proxy loss is
-                # the same as in the original basis, since V is orthogonal.
-                weight = transform_weight(weight.float(), signs)
-                H_layer = transform_hessian(H, signs)
+                # Quantize W V^T against V H V^T; the proxy loss is the same as in the original basis, since V is
+                # orthogonal.
+                weight, H_layer = transform_weight(weight.float(), signs), H_rot
             result = solve_layer(weight, H_layer, name=full_name, **solve_kwargs)
             bias = None if linear.bias is None else linear.bias.detach().to(device=device, dtype=torch.float32)
             fq = FakeQuantLinear.from_result(result, bias=bias, hadamard_signs=signs)
@@ -677,6 +760,7 @@ def quantize_model(model: nn.Module, config: DecoupleQConfig, tokenizer: Any = N
     original_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     prefix, blocks = find_decoder_blocks(model)
     skip = config.effective_modules_to_not_convert
+    check_quantizable(model, skip)
     tok = tokenizer if tokenizer is not None else config.tokenizer
     needs_tokenizer = not _is_tokenized(config.dataset)
     if tok is None and needs_tokenizer:
@@ -695,7 +779,7 @@ def quantize_model(model: nn.Module, config: DecoupleQConfig, tokenizer: Any = N
     if config.checkpoint_dir is not None:
         store = ResumeStore(
             config.checkpoint_dir,
-            fingerprint=config.result_fingerprint(),
+            fingerprint={**config.result_fingerprint(), **calibration_fingerprint(windows, tok)},
             model_id=_model_identity(model, len(blocks)),
         )
     compute_dtype = _calibration_dtype(config, model)
@@ -704,7 +788,7 @@ def quantize_model(model: nn.Module, config: DecoupleQConfig, tokenizer: Any = N
     block_stats: list[dict[str, Any]] = []
     try:
         with torch.no_grad():
-            inputs = capture_block_inputs(model, blocks[0], windows, config.batch_size)
+            inputs = capture_block_inputs(model, blocks, windows, config.batch_size)
         for h in inputs.hidden:
             _check_finite(h, "the calibration activations entering the first decoder block")
         bar = tqdm(range(len(blocks)), desc="decoupleQ", unit="block")
@@ -733,7 +817,7 @@ def quantize_model(model: nn.Module, config: DecoupleQConfig, tokenizer: Any = N
                 del replay
                 for out in outputs:
                     _check_finite(out, f"the outputs of quantized {block_name}")
-                inputs = BlockInputs(outputs, inputs.kwargs)
+                inputs = inputs.for_block(index + 1, outputs)
             _place_back(block, home, device, offloaded)
             if "layerwise_loss" in stats:
                 bar.set_postfix(loss=f"{stats['layerwise_loss']:.4g}")
@@ -750,6 +834,8 @@ def quantize_model(model: nn.Module, config: DecoupleQConfig, tokenizer: Any = N
         "base_model": str(getattr(model, "name_or_path", "") or "") or None,
     }
     config.quantization_stats = summary
+    # The reload rebuilds exactly these (a linear the calibration never reached stays dense, and loads dense).
+    config.packed_modules = [name for name, m in model.named_modules() if isinstance(m, DecoupleQLinear)]
     return summary
 
 

@@ -12,8 +12,8 @@ from transformers.quantizers import HfQuantizer
 
 from .config import DecoupleQConfig
 from .errors import DecoupleQCheckpointError, DecoupleQConfigError
-from .integration import dequantize_model, replace_with_decoupleq_linear
-from .nn.linear import DecoupleQLinear
+from .integration import check_quantizable, dequantize_model, replace_with_decoupleq_linear
+from .nn.linear import DecoupleQLinear, share_rotations
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
@@ -59,22 +59,24 @@ class DecoupleQHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(
         self, model: PreTrainedModel, checkpoint_files: list[str] | None = None, **kwargs
     ) -> None:
-        if not self.pre_quantized:
-            return
         cfg = self.quantization_config
-        self.modules_to_not_convert = self.get_modules_to_not_convert(
-            model, cfg.modules_to_not_convert, add_default_skips=True
-        )
-        dtype = _model_dtype(model)
+        self.modules_to_not_convert = _modules_to_not_convert(self, model, cfg)
+        if not self.pre_quantized:
+            # Refuse layouts the pipeline cannot quantize before any weight is read (fused MoE experts).
+            check_quantizable(model, self.modules_to_not_convert)
+            return
         replaced = replace_with_decoupleq_linear(
             model,
             bits=cfg.bits,
             group_size=cfg.group_size,
             modules_to_not_convert=self.modules_to_not_convert,
-            dtype=dtype,
+            # Each packed module takes the dtype transformers gave its linear (the load dtype, or float32 for
+            # `_keep_in_fp32_modules`), so a model whose layers differ in dtype is not flattened to one.
+            dtype=None,
             # Format 1 has no Hadamard signs: a version-1 checkpoint claiming incoherence was written before the
             # feature existed (the flag was accepted and ignored), so its weights are in the original basis.
             incoherence=cfg.incoherence and cfg.format_version >= 2,
+            packed_modules=cfg.packed_modules,
         )
         logger.info("prepared %d packed decoupleQ linears for loading", len(replaced))
         if checkpoint_files:
@@ -85,15 +87,14 @@ class DecoupleQHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             from .pipeline import quantize_model
 
-            self.modules_to_not_convert = self.get_modules_to_not_convert(
-                model, cfg.modules_to_not_convert, add_default_skips=True
-            )
+            self.modules_to_not_convert = _modules_to_not_convert(self, model, cfg)
             cfg.modules_to_not_convert = list(self.modules_to_not_convert)
             tokenizer = cfg.tokenizer
             quantize_model(model, cfg, tokenizer=tokenizer)
         for module in model.modules():
             if isinstance(module, DecoupleQLinear):
                 module.post_init()
+        share_rotations(model)
         from .hub.save import attach_card_writer
 
         attach_card_writer(model)
@@ -121,43 +122,65 @@ class DecoupleQHfQuantizer(HfQuantizer):
         return dequantize_model(model, dtype=dtype)
 
 
-def _model_dtype(model: torch.nn.Module) -> torch.dtype:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            return module.weight.dtype
-    return getattr(model.config, "dtype", None) or torch.get_default_dtype()
+def _modules_to_not_convert(quantizer: HfQuantizer, model: torch.nn.Module, cfg: DecoupleQConfig) -> list[str]:
+    """The config's skips, transformers' default ones (`lm_head`, tied output embeddings) and the model's
+    `_keep_in_fp32_modules` (routers and other precision-sensitive layers), sorted so that config.json and the
+    resume fingerprint do not depend on set order."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    keep |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    skips = quantizer.get_modules_to_not_convert(
+        model, cfg.modules_to_not_convert, keep_in_fp32_modules=sorted(keep), add_default_skips=True
+    )
+    return sorted(set(skips))
 
 
 _SIGNS = ".hadamard_signs"
 
 
 def check_checkpoint_shapes(model: torch.nn.Module, checkpoint_files: list[str]) -> None:
-    """Compare the packed tensors' shapes in the safetensors headers with the modules built from the config, so a
-    checkpoint that disagrees with its config fails with a message instead of silently re-initialized weights.
+    """Compare the packed tensors in the safetensors headers with the packed modules built from the config, so a
+    checkpoint that disagrees with its config fails with a message instead of silently uninitialized weights.
 
-    The incoherence signs are checked both ways: a rotated layer must find its `hadamard_signs` in the checkpoint,
-    and a checkpoint's `hadamard_signs` must have a rotated layer to go to (either mismatch computes garbage)."""
+    - every tensor of every packed module (`qweight`, `scales`, `zeros`, `bias`, `hadamard_signs`) must be in the
+      checkpoint with the shape the config implies;
+    - a checkpoint's `qweight` or `hadamard_signs` must have a packed (or rotated) module to go to.
+    """
     expected = {
-        name: tuple(t.shape)
-        for name, t in model.state_dict().items()
-        if name.endswith((".qweight", ".scales", ".zeros", _SIGNS))
+        f"{name}.{key}": tuple(t.shape)
+        for name, module in model.named_modules()
+        if isinstance(module, DecoupleQLinear)
+        for key, t in module.state_dict().items()
     }
-    seen: set[str] = set()
-    all_read = True
+    headers: dict[str, dict[str, Any]] = {}
+    all_read = bool(checkpoint_files)
     for path in checkpoint_files:
         if not str(path).endswith(".safetensors") or not os.path.exists(path):
             all_read = False
             continue
         with open(path, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len))
-        seen.update(header)
+            headers[path] = json.loads(f.read(header_len))
+    seen = {name for header in headers.values() for name in header}
+    packed_in_files = {name for name in seen if name.endswith(".qweight")}
+    if packed_in_files and not packed_in_files & expected.keys():
+        # Packed tensors under none of the expected names: the files name tensors differently from the model (a
+        # key mapping transformers applies while loading), so they cannot be paired here; transformers' load report
+        # still lists what is missing.
+        logger.warning("the checkpoint's tensor names differ from the model's; the packed-tensor check is skipped")
+        return
+    for path, header in headers.items():
         for name, info in header.items():
             if name.endswith(_SIGNS) and name not in expected:
                 raise DecoupleQCheckpointError(
                     f"{os.path.basename(path)} holds incoherence signs {name!r}, but the checkpoint's "
                     "quantization_config does not describe that layer as rotated (incoherence / format_version): "
                     "the checkpoint and its config.json disagree"
+                )
+            if name.endswith(".qweight") and name not in expected:
+                raise DecoupleQCheckpointError(
+                    f"{os.path.basename(path)} holds packed weights {name!r}, but the checkpoint's "
+                    "quantization_config does not describe that layer as packed (packed_modules / "
+                    "modules_to_not_convert): the checkpoint and its config.json disagree"
                 )
             if name == "__metadata__" or name not in expected:
                 continue
@@ -168,10 +191,19 @@ def check_checkpoint_shapes(model: torch.nn.Module, checkpoint_files: list[str])
                     f"checkpoint's quantization_config (bits/group_size) implies {list(expected[name])}: the "
                     "checkpoint and its config.json disagree"
                 )
-    missing = sorted(name for name in expected if name.endswith(_SIGNS) and name not in seen)
-    if all_read and checkpoint_files and missing:
+    if not all_read:
+        return
+    missing = sorted(name for name in expected if name not in seen)
+    signs = [name for name in missing if name.endswith(_SIGNS)]
+    if signs:
         raise DecoupleQCheckpointError(
-            f"the checkpoint's quantization_config says incoherence=True, but {len(missing)} rotated layer(s) have "
-            f"no incoherence signs in the checkpoint (first: {missing[0]!r}): the checkpoint and its config.json "
+            f"the checkpoint's quantization_config says incoherence=True, but {len(signs)} rotated layer(s) have "
+            f"no incoherence signs in the checkpoint (first: {signs[0]!r}): the checkpoint and its config.json "
+            "disagree"
+        )
+    if missing:
+        raise DecoupleQCheckpointError(
+            f"the checkpoint's quantization_config implies {len(missing)} packed tensor(s) that the checkpoint does "
+            f"not hold (first: {missing[0]!r}); they would load uninitialized: the checkpoint and its config.json "
             "disagree"
         )

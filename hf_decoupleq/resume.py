@@ -69,6 +69,20 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def calibration_fingerprint(windows: torch.Tensor, tokenizer: Any = None) -> dict[str, Any]:
+    """What identifies the calibration data: the sha256 of the token windows (int64, row-major) and of the tokenizer's
+    vocabulary (None for data given as token ids). Settings alone do not: another text of the same shape has them."""
+    ids = windows.detach().to("cpu", torch.int64).contiguous()
+    digest = hashlib.sha256(str(list(ids.shape)).encode())
+    digest.update(ids.numpy().tobytes())
+    vocab_digest = None
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if callable(get_vocab):
+        vocab = json.dumps(sorted(get_vocab().items()), ensure_ascii=False)
+        vocab_digest = hashlib.sha256(vocab.encode()).hexdigest()
+    return {"calibration_token_ids_sha256": digest.hexdigest(), "tokenizer_vocab_sha256": vocab_digest}
+
+
 class ResumeStore:
     """Per-block results of one quantization run, in `directory`."""
 

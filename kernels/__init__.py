@@ -2,8 +2,13 @@
 
 * :mod:`.reference`: plain-PyTorch references (and the portable fallback) of every kernel.
 * :mod:`.gemm` (prefill), :mod:`.gemv` (split-K decode), :mod:`.dequant`, :mod:`.hadamard` (activation transform of
-  incoherence processing): Triton kernels and their wrappers.
-* :mod:`.ops`: the ``torch.ops.hf_decoupleq.*`` custom ops around them (registered on import of this package).
+  incoherence processing): Triton kernels and their launchers; :mod:`._tiles`: the Triton helpers they share
+  (unpacking, group scales, dequantization).
+* :mod:`.ops`: the ``torch.ops.hf_decoupleq.*`` custom ops around them (registered on import of this package), the
+  one entry that validates arguments.
+* :mod:`.configs`: tile configurations and launch heuristics; :mod:`.tuning`: autotuning log and ``pretune``;
+  :mod:`.aot`: ahead-of-time compilation of every kernel configuration for sm_80/sm_90 without a GPU
+  (``python -m hf_decoupleq.kernels.aot``).
 
 Importing this package never imports Triton; the kernel modules import it when first used, so the PyTorch path
 keeps working where Triton is not installed.

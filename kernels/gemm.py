@@ -5,38 +5,20 @@ Never materializes a full-precision weight in global memory; fp32 accumulation o
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import check_input, check_packed, interpreting
-from ._unpack import grouped_dot_acc, unpack_tile
+from ._common import PackedLayer, interpreting
+from ._tiles import FORMAT_HEURISTICS, group_params, grouped_dot_acc, unpack_tile
+from .configs import GEMM_CONFIGS, INTERPRETER_GEMM_CONFIG, TileConfig, gemm_m_bucket
+from .tuning import launch_tuned, triton_configs
 
-__all__ = ["gemm"]
-
-
-def _configs() -> list[triton.Config]:
-    if interpreting():
-        # The CPU interpreter is slow and cannot benchmark: one small config.
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    shapes = [
-        (128, 128, 64, 8, 3),
-        (128, 128, 32, 4, 4),
-        (64, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (128, 256, 64, 8, 3),
-        (64, 128, 128, 4, 3),
-        (32, 64, 64, 4, 4),
-    ]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in shapes
-    ]
+__all__ = ["KERNEL", "kernel_args", "launch"]
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IEEE"])
-@triton.heuristics({"ALIGNED": lambda a: a["GROUP_SIZE"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _gemm_kernel(
     x_ptr,
@@ -57,6 +39,8 @@ def _gemm_kernel(
     stride_om,
     stride_on,
     BITS: tl.constexpr,
+    CPB: tl.constexpr,
+    WPB: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -86,54 +70,53 @@ def _gemm_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        q = unpack_tile(qw_ptr, offs_k, offs_n, mask_k, mask_n, stride_qk, stride_qn, BITS)
-        acc = grouped_dot_acc(
-            acc,
-            x,
-            q,
-            s_ptr,
-            z_ptr,
-            k0,
-            offs_k,
-            offs_n,
-            mask_k,
-            mask_n,
-            stride_sg,
-            stride_sn,
-            GROUP_SIZE,
-            ALIGNED,
-            IEEE,
+        q = unpack_tile(qw_ptr, k0, K, offs_n, mask_n, stride_qk, stride_qn, BITS, CPB, WPB, BLOCK_K)
+        s, z = group_params(
+            s_ptr, z_ptr, k0, offs_k, offs_n, mask_k, mask_n, stride_sg, stride_sn, GROUP_SIZE, ALIGNED
         )
+        acc = grouped_dot_acc(acc, x, q, s, z, IEEE, ALIGNED)
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def gemm(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    bits: int,
-    group_size: int,
-    in_features: int,
-) -> torch.Tensor:
-    """``x @ W^T`` for ``x`` ``[M, K]`` (fp16/bf16/fp32, any strides); returns ``[M, N]`` in ``x.dtype``."""
-    n_out, g = check_packed(qweight, scales, zeros, bits, group_size, in_features)
-    check_input(x, in_features, qweight.device)
+KERNEL = _gemm_kernel
+_HEURISTIC = triton.heuristics(FORMAT_HEURISTICS)(_gemm_kernel)
+_TUNED = triton.autotune(
+    configs=triton_configs((INTERPRETER_GEMM_CONFIG,) if interpreting() else GEMM_CONFIGS),
+    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IEEE"],
+    cache_results=True,
+)(_HEURISTIC)
+
+
+def kernel_args(x: torch.Tensor, layer: PackedLayer, out: torch.Tensor) -> dict[str, Any]:
+    """The kernel's runtime arguments and format constexprs for ``out = x @ W^T`` (tile constexprs excluded)."""
+    return {
+        "x_ptr": x, "qw_ptr": layer.qweight, "s_ptr": layer.scales, "z_ptr": layer.zeros, "out_ptr": out,
+        "M": x.shape[0], "N": layer.out_features, "K": layer.in_features, "M_BUCKET": gemm_m_bucket(x.shape[0]),
+        "stride_xm": x.stride(0), "stride_xk": x.stride(1),
+        "stride_qk": layer.qweight.stride(0), "stride_qn": layer.qweight.stride(1),
+        "stride_sg": layer.scales.stride(0), "stride_sn": layer.scales.stride(1),
+        "stride_om": out.stride(0), "stride_on": out.stride(1),
+        "BITS": layer.bits, "GROUP_SIZE": layer.group_size, "IEEE": x.dtype == torch.float32,
+    }  # fmt: skip
+
+
+def launch(x: torch.Tensor, layer: PackedLayer, config: TileConfig | None = None) -> torch.Tensor:
+    """``x @ W^T`` for a validated ``x`` ``[M, K]`` (fp16/bf16/fp32, any strides); ``[M, N]`` in ``x.dtype``.
+
+    ``config`` runs one tile configuration instead of the autotuned choice (tests, benchmarks).
+    """
     m = x.shape[0]
-    out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    out = torch.empty((m, layer.out_features), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    m_bucket = triton.next_power_of_2(m)
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(layer.out_features, meta["BLOCK_N"]),)
 
-    _gemm_kernel[grid](
-        x, qweight, scales, zeros, out,
-        m, n_out, in_features, m_bucket,
-        x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
-        out.stride(0), out.stride(1),
-        BITS=bits, GROUP_SIZE=g, IEEE=x.dtype == torch.float32,
-    )  # fmt: skip
+    args = kernel_args(x, layer, out)
+    if config is None:
+        launch_tuned(_TUNED, grid, args, "gemm")
+    else:
+        _HEURISTIC[grid](**args, **config.meta, num_warps=config.num_warps, num_stages=config.num_stages)
     return out

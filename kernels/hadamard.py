@@ -11,20 +11,19 @@ the tile), scales by ``1/sqrt(b)`` and stores in ``x``'s dtype. ``H_b^T = H_b``,
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
 from hf_decoupleq.errors import DecoupleQConfigError
-from hf_decoupleq.hadamard import block_size
+from hf_decoupleq.format import hadamard_block_size
 
 from ._common import FLOAT_DTYPES, interpreting
+from .configs import hadamard_launch
 
-__all__ = ["hadamard_transform"]
-
-# Float32 values one program keeps (rows x block): a 4096-wide block is one row per program.
-_TILE_ELEMS = 4096
+__all__ = ["KERNEL", "hadamard_transform", "kernel_args"]
 
 
 @triton.jit
@@ -59,6 +58,18 @@ def _hadamard_kernel(
     tl.store(out_ptr + rows * stride_om + offs_k[None, :] * stride_ok, x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+KERNEL = _hadamard_kernel
+
+
+def kernel_args(x: torch.Tensor, signs: torch.Tensor, out: torch.Tensor, block: int) -> dict[str, Any]:
+    """The kernel's arguments for ``out = x V^T`` with Hadamard block ``block`` (``BLOCK_M`` excluded)."""
+    return {
+        "x_ptr": x, "s_ptr": signs, "out_ptr": out, "M": x.shape[0],
+        "stride_xm": x.stride(0), "stride_xk": x.stride(1), "stride_om": out.stride(0), "stride_ok": out.stride(1),
+        "scale": 1.0 / math.sqrt(block), "BLOCK": block, "LOG_BLOCK": block.bit_length() - 1,
+    }  # fmt: skip
+
+
 def hadamard_transform(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """``x V^T`` for ``x`` ``[M, K]`` (fp16/bf16/fp32, any strides) and int8 ``signs`` ``[K]``; ``[M, K]`` in
     ``x.dtype``, with ``b = block_size(K)``."""
@@ -71,18 +82,13 @@ def hadamard_transform(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
         raise DecoupleQConfigError(f"signs must be [{k}], got shape {tuple(signs.shape)}")
     if signs.device != x.device:
         raise DecoupleQConfigError(f"signs are on {signs.device} but x is on {x.device}")
-    b = block_size(k)
+    b = hadamard_block_size(k)
     if b < 2:
         raise DecoupleQConfigError(f"K={k} is odd: it has no Hadamard block")
     out = torch.empty((m, k), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    block_m = max(1, min(16, _TILE_ELEMS // b, triton.next_power_of_2(m)))
-    num_warps = 1 if interpreting() else (4 if block_m * b <= 2048 else 8)
+    block_m, num_warps = hadamard_launch(m, b, interpreting())
     grid = (triton.cdiv(m, block_m), k // b)
-    _hadamard_kernel[grid](
-        x, signs.contiguous(), out, m,
-        x.stride(0), x.stride(1), out.stride(0), out.stride(1), 1.0 / math.sqrt(b),
-        BLOCK=b, LOG_BLOCK=b.bit_length() - 1, BLOCK_M=block_m, num_warps=num_warps,
-    )  # fmt: skip
+    _hadamard_kernel[grid](**kernel_args(x, signs.contiguous(), out, b), BLOCK_M=block_m, num_warps=num_warps)
     return out

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from hf_decoupleq.format import effective_group_size
 from hf_decoupleq.hadamard import transform_input
-from hf_decoupleq.packing import effective_group_size, unpack
+from hf_decoupleq.packing import unpack
 
 __all__ = ["dequantize", "dequantize_codes", "hadamard", "matmul"]
 

@@ -1,7 +1,6 @@
 """End-to-end transformers integration on tiny random models: quantize on load, save, reload, generate, push."""
 
 import json
-import logging
 
 import pytest
 import torch
@@ -29,7 +28,7 @@ def quantized_llama(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_quantize_save_reload_generate(arch, tiny_checkpoint, tiny_tokenizer, tmp_path, caplog):
+def test_quantize_save_reload_generate(arch, tiny_checkpoint, tiny_tokenizer, tmp_path):
     src = tiny_checkpoint(arch)
     model = quantize(src)
     packed = packed_modules(model)
@@ -49,9 +48,10 @@ def test_quantize_save_reload_generate(arch, tiny_checkpoint, tiny_tokenizer, tm
     card = (out / "README.md").read_text()
     assert "import hf_decoupleq" in card
 
-    with caplog.at_level(logging.WARNING):
-        reloaded = AutoModelForCausalLM.from_pretrained(out)
-    assert not [r for r in caplog.records if "missing" in r.getMessage().lower() or "unexpected" in r.getMessage().lower()]
+    # transformers' load report: nothing missing, unexpected or mismatched.
+    reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert set(info) >= {"missing_keys", "unexpected_keys", "mismatched_keys"}
+    assert not any(info.values()), info
     # The reloaded state dict equals the saved tensors bit for bit.
     saved = load_file(out / "model.safetensors")
     state = reloaded.state_dict()

@@ -79,6 +79,19 @@ def test_resume_with_different_settings_is_refused(tiny_checkpoint, tmp_path):
         load(src, checkpoint_dir=str(ckpt), blockwise=False, bits=3)
 
 
+def test_resume_with_other_calibration_text_is_refused(tiny_checkpoint, tmp_path):
+    # Same settings and window shape, another text: the finished blocks were calibrated on other data.
+    src = tiny_checkpoint("llama")
+    ckpt = tmp_path / "ckpt"
+    load(src, checkpoint_dir=str(ckpt), blockwise=False)
+    other = tmp_path / "other.txt"
+    other.write_text(WIKI_VALID.read_text(encoding="utf-8")[::-1])
+    with pytest.raises(DecoupleQCheckpointError, match="calibration_token_ids_sha256"):
+        load(src, checkpoint_dir=str(ckpt), blockwise=False, dataset=str(other))
+    # The same text resumes (every block from the directory).
+    load(src, checkpoint_dir=str(ckpt), blockwise=False)
+
+
 def test_non_finite_weights_name_the_layer(tmp_path, tiny_tokenizer):
     model = build_tiny_model("llama", vocab_size=len(tiny_tokenizer))
     with torch.no_grad():

@@ -4,12 +4,12 @@ transformers writes no model card on `save_pretrained`, and its `push_to_hub` re
 card. A quantized checkpoint without its settings and the `import hf_decoupleq` line is a trap for its users
 (transformers silently loads random weights without the plugin), so the quantizer attaches, on the model
 instance only, a `save_pretrained` that also renders `model_cards/template.md`, and a `push_to_hub` that saves
-that folder and uploads it with `huggingface_hub` (one commit).
+that folder and uploads it with `huggingface_hub` (one commit). Both are picklable objects holding the model (not
+closures), so `copy.deepcopy(model)` and pickling give a copy whose methods save the copy.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import tempfile
@@ -18,8 +18,6 @@ from typing import Any
 from torch import nn
 
 logger = logging.getLogger(__name__)
-
-_MARK = "_decoupleq_card_writer"
 
 
 def _state_bytes(model: nn.Module) -> int:
@@ -47,22 +45,35 @@ def render_card_for(model: nn.Module, repo_id: str | None = None):
     )
 
 
-def attach_card_writer(model: nn.Module) -> None:
-    """Make `model.save_pretrained` also write README.md and `model.push_to_hub` upload it (idempotent)."""
-    if getattr(model, _MARK, False):
-        return
-    original_save = model.save_pretrained
+class _SaveWithCard:
+    """`model.save_pretrained` that also writes the model card (README.md).
 
-    @functools.wraps(original_save)
-    def save_pretrained(save_directory, *args, **kwargs):
-        result = original_save(save_directory, *args, **kwargs)
+    A picklable object holding the model, not a closure over it: `copy.deepcopy(model)` and pickling copy it with
+    the model, so the copy's `save_pretrained` saves the copy."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.__doc__ = type(model).save_pretrained.__doc__
+
+    def __call__(self, save_directory, *args, **kwargs):
+        model = self.model
+        result = type(model).save_pretrained(model, save_directory, *args, **kwargs)
         if getattr(model, "hf_quantizer", None) is not None and getattr(model.config, "quantization_config", None):
             card = render_card_for(model, repo_id=kwargs.get("repo_id"))
             card.save(os.path.join(os.fspath(save_directory), "README.md"))
         return result
 
-    @functools.wraps(model.push_to_hub)
-    def push_to_hub(
+
+class _PushWithCard:
+    """`model.push_to_hub` that uploads the folder `model.save_pretrained` writes, model card included, in one
+    commit (same design as `_SaveWithCard`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.__doc__ = type(model).push_to_hub.__doc__
+
+    def __call__(
+        self,
         repo_id: str,
         *,
         commit_message: str | None = None,
@@ -79,7 +90,7 @@ def attach_card_writer(model: nn.Module) -> None:
         api = HfApi(token=token if isinstance(token, str) else None)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as tmp:
-            save_pretrained(tmp, max_shard_size=max_shard_size, repo_id=repo_id)
+            _SaveWithCard(self.model)(tmp, max_shard_size=max_shard_size, repo_id=repo_id)
             if tags:
                 card = ModelCard.load(os.path.join(tmp, "README.md"))
                 card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *tags]))
@@ -98,6 +109,11 @@ def attach_card_writer(model: nn.Module) -> None:
                 revision=revision,
             )
 
-    model.save_pretrained = save_pretrained
-    model.push_to_hub = push_to_hub
-    setattr(model, _MARK, True)
+
+def attach_card_writer(model: nn.Module) -> None:
+    """Make `model.save_pretrained` also write README.md and `model.push_to_hub` upload it (idempotent)."""
+    current = model.__dict__.get("save_pretrained")
+    if isinstance(current, _SaveWithCard) and current.model is model:
+        return
+    model.save_pretrained = _SaveWithCard(model)
+    model.push_to_hub = _PushWithCard(model)

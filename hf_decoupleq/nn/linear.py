@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -18,21 +19,16 @@ from ..errors import DecoupleQConfigError
 from ..hadamard import check_signs, has_transform, inverse_transform, transform_input
 from ..kernels import interpreting, reference, triton_available
 from ..packing import SUPPORTED_BITS, effective_group_size, num_groups, pack, packed_rows, unpack
+from . import functional as F
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKEND_ENV", "DecoupleQLinear"]
+__all__ = ["BACKEND_ENV", "DecoupleQLinear", "SharedRotation", "share_rotations"]
 
 BACKEND_ENV = "HF_DECOUPLEQ_BACKEND"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Group sizes accepted by PyTorch's fused CPU int4 kernel (aten._weight_int4pack_mm_for_cpu).
-_CPU_INT4_GROUPS = (32, 64, 128, 256)
-# The generic PyTorch path uses the grouped formula up to this many rows, one dequantized temporary above.
-_GROUPED_MAX_M = 16
 # Above this many rows the CPU int4 kernel loses to one dequantized weight + a dense GEMM (prefill, calibration).
 _INT4_MAX_M = 1024
-# Codes converted to float per chunk of output columns (~1 MiB of fp32: stays in L2).
-_CHUNK_ELEMS = 1 << 18
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -153,6 +149,7 @@ class DecoupleQLinear(nn.Module):
         else:
             self.hadamard_signs = None
         self._cache: dict[str, Any] = {}
+        self._shared_rotation: SharedRotation | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -251,10 +248,7 @@ class DecoupleQLinear(nn.Module):
         """Unpacked uint8 codes as ``[G, g, out]`` (K zero-padded to ``G * g``); cached, 1 byte/weight."""
 
         def build():
-            n_groups, g = num_groups(self.in_features, self.group_size), self.effective_group_size
-            codes = torch.zeros(n_groups * g, self.out_features, dtype=torch.uint8, device=self.qweight.device)
-            codes[: self.in_features] = unpack(self.qweight, self.bits, self.in_features).T
-            return codes.view(n_groups, g, self.out_features)
+            return F.codes_by_group(self.qweight, self.bits, self.in_features, self.group_size)
 
         return self._cached("codes", self._key(self.qweight), build)
 
@@ -263,28 +257,14 @@ class DecoupleQLinear(nn.Module):
         return self._codes_by_group().view(-1, self.out_features)[: self.in_features].T
 
     def _cpu_int4_ok(self, compute_dtype: torch.dtype) -> bool:
-        return (
-            compute_dtype == torch.bfloat16
-            and self.bits <= 4
-            and self.effective_group_size in _CPU_INT4_GROUPS
-            and self.in_features % self.effective_group_size == 0
-            and self.out_features % 16 == 0
-            and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
-            and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
-            and self.qweight.device.type == "cpu"
-        )
+        return F.cpu_int4_supported(
+            self.bits, self.effective_group_size, self.in_features, self.out_features, compute_dtype,
+            self.qweight.device,
+        )  # fmt: skip
 
     def _cpu_int4_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
         def build():
-            # The kernel computes (c - 8) * s + z'. Storing c = q + 8 - m with m = 2**(bits-1) (the middle code)
-            # gives (q - m) * s + z', so z' = z + m * s: the middle of the group's range, which is small and
-            # rounds to bfloat16 with little error (z + 8 s would be far larger than the weights at 2 bits).
-            mid = 1 << (self.bits - 1)
-            codes = unpack(self.qweight, self.bits, self.in_features).to(torch.int32) + (8 - mid)
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-            s = self.scales.detach().float()
-            z = self.zeros.detach().float() + mid * s
-            return packed, torch.stack([s, z], dim=-1).to(torch.bfloat16).contiguous()
+            return F.cpu_int4_operands(self.qweight, self.scales, self.zeros, self.bits, self.in_features)
 
         return self._cached("cpu_int4", self._key(self.qweight, self.scales, self.zeros), build)
 
@@ -324,7 +304,7 @@ class DecoupleQLinear(nn.Module):
             or (self.bias is not None and self.bias.requires_grad)
         )
         if self.hadamard_signs is not None:
-            x2 = self._rotate(x2, needs_grad)
+            x2 = self._rotate(x, x2, needs_grad)
         if needs_grad:
             # Under torch.compile the codes are unpacked in the graph: the Python-side cache would break it.
             codes = unpack(self.qweight, self.bits, self.in_features) if compiling else self._codes()
@@ -344,43 +324,109 @@ class DecoupleQLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
 
-    def _rotate(self, x2: torch.Tensor, needs_grad: bool) -> torch.Tensor:
-        """``x V^T`` (incoherence): the Triton kernel on the Triton backend, the differentiable torch FWHT else."""
+    def _rotate(self, x: torch.Tensor, x2: torch.Tensor, needs_grad: bool) -> torch.Tensor:
+        """``x V^T`` (incoherence): the Triton kernel on the Triton backend, the differentiable torch FWHT else.
+
+        Layers that share a rotation (:func:`share_rotations`) and read the same input tensor ``x`` rotate it once:
+        the first computes ``x V^T`` and the others reuse it (only without autograd and outside torch.compile)."""
+        shared = self._shared_rotation
+        if shared is not None and not needs_grad and not torch.compiler.is_compiling():
+            cached = shared.lookup(x)
+            if cached is not None:
+                return cached
         if not needs_grad and _select_backend(x2.device) == "triton":
-            return torch.ops.hf_decoupleq.hadamard(x2, self.hadamard_signs)
-        return transform_input(x2, self.hadamard_signs)
+            rotated = torch.ops.hf_decoupleq.hadamard(x2, self.hadamard_signs)
+        else:
+            rotated = transform_input(x2, self.hadamard_signs)
+        if shared is not None and not needs_grad and not torch.compiler.is_compiling():
+            shared.store(x, rotated)
+        return rotated
 
     def _forward_torch(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.device.type == "cpu" and x2.shape[0] <= _INT4_MAX_M and self._cpu_int4_ok(
             torch.bfloat16 if torch.bfloat16 in (x2.dtype, self.dtype) else x2.dtype
         ):
             packed, scale_zero = self._cpu_int4_operands()
-            xb = x2.to(torch.bfloat16).contiguous()
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, self.effective_group_size, scale_zero)
-            return y.to(x2.dtype)
-        if x2.shape[0] > _GROUPED_MAX_M:
+            return F.cpu_int4_matmul(x2, packed, scale_zero, self.effective_group_size)
+        if x2.shape[0] > F.GROUPED_MAX_M:
             # Many rows: one dequantized temporary weight and a single GEMM (compute-bound anyway).
             w = reference.dequantize_codes(self._codes(), self.scales, self.zeros, self.effective_group_size, x2.dtype)
             return x2 @ w.T
         return self._grouped_matmul(x2)
 
     def _grouped_matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        """``x W^T = sum_g s_g * (x_g . q_g) + z_g * sum(x_g)`` for few rows, without a full-size temporary.
+        """``x W^T`` for few rows without a full-size temporary (:func:`hf_decoupleq.nn.functional.grouped_matmul`)."""
+        return F.grouped_matmul(x2, self._codes_by_group(), self.scales, self.zeros, self.in_features)
 
-        Per group the codes enter a batched matmul unscaled; the zero term needs only the group sums of ``x``.
-        Output columns go in chunks so that each chunk's float copy of the codes stays in cache.
-        """
-        codes = self._codes_by_group()  # [G, g, N]
-        n_groups, g, n_out = codes.shape
-        m, dtype = x2.shape[0], x2.dtype
-        if n_groups * g != self.in_features:
-            x2 = torch.nn.functional.pad(x2, (0, n_groups * g - self.in_features))
-        xg = x2.reshape(m, n_groups, g).transpose(0, 1)  # [G, M, g]
-        scales, zeros = self.scales.to(dtype), self.zeros.to(dtype)
-        y = xg.sum(-1).T @ zeros  # [M, N]: the zero term
-        chunk = max(16, (_CHUNK_ELEMS // (n_groups * g)) // 16 * 16)
-        for n0 in range(0, n_out, chunk):
-            n1 = min(n_out, n0 + chunk)
-            partial = torch.bmm(xg, codes[:, :, n0:n1].to(dtype))  # [G, M, nc] = x_g . q_g
-            y[:, n0:n1] += torch.einsum("gmn,gn->mn", partial, scales[:, n0:n1])
-        return y
+
+class SharedRotation:
+    """The rotated copy ``x V^T`` of the last input seen by a set of layers with the same signs ``V``.
+
+    Linears that read one tensor (q/k/v, gate/up) share one rotation in format-3 checkpoints. The first of them to
+    run stores ``x V^T`` here, keyed by the identity and in-place version of ``x`` (a weak reference, so a freed
+    input never matches a new tensor at the same address); the others reuse it. The entry is dropped once every
+    member has used it, so no rotated activation outlives the layers that need it.
+    """
+
+    def __init__(self, members: int) -> None:
+        self.members = members
+        self._ref: weakref.ref | None = None
+        self._version = -1
+        self._value: torch.Tensor | None = None
+        self._uses = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"members": self.members}  # pickles and deep copies start empty (no weak reference, no tensor)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["members"])
+
+    @staticmethod
+    def _version_of(x: torch.Tensor) -> int:
+        # Inference-mode tensors have no version counter; nothing in a forward pass writes into a linear's input
+        # between the sibling layers that read it, and the identity check still applies.
+        return -2 if x.is_inference() else x._version
+
+    def lookup(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self._ref is None or self._ref() is not x or self._version != self._version_of(x):
+            return None
+        value = self._value
+        self._uses += 1
+        if self._uses >= self.members:
+            self.clear()
+        return value
+
+    def store(self, x: torch.Tensor, value: torch.Tensor) -> None:
+        self.clear()
+        if self.members > 1:
+            self._ref, self._version, self._value, self._uses = weakref.ref(x), self._version_of(x), value, 1
+
+    def clear(self) -> None:
+        self._ref, self._value, self._uses = None, None, 0
+
+
+def share_rotations(model: nn.Module) -> int:
+    """Let the rotated layers of ``model`` that share a parent module and identical signs rotate their common input
+    once (see :class:`SharedRotation`). Returns the number of groups of two or more layers.
+
+    Sharing is an optimization only: a layer whose input differs from the cached one rotates its own input, so a
+    grouping that is wrong (or a format-2 checkpoint, whose signs are per layer and so never group) stays correct.
+    """
+    groups: dict[tuple, list[DecoupleQLinear]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, DecoupleQLinear) and module.hadamard_signs is not None:
+            module._shared_rotation = None
+            signs = module.hadamard_signs
+            if signs.device.type == "meta":
+                continue
+            parent = name.rpartition(".")[0]
+            key = (parent, signs.device, signs.shape[0], signs.cpu().numpy().tobytes())
+            groups.setdefault(key, []).append(module)
+    shared = 0
+    for members in groups.values():
+        if len(members) > 1:
+            rotation = SharedRotation(len(members))
+            for module in members:
+                module._shared_rotation = rotation
+            shared += 1
+    return shared

@@ -1,0 +1,121 @@
+"""Tile configurations and launch-shape heuristics of the Triton kernels (pure Python; no triton import).
+
+Kept apart from the kernels so that the ahead-of-time sweep (:mod:`.aot`), the tests and the benchmarks enumerate
+exactly the configurations a GPU autotunes over. A configuration is ``(meta, num_warps, num_stages)`` with ``meta``
+the kernel's tile constexprs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+__all__ = [
+    "DECODE_BLOCK_N",
+    "DECODE_CONFIGS",
+    "DEQUANT_CONFIG",
+    "GEMM_CONFIGS",
+    "GEMM_M_BUCKETS",
+    "INTERPRETER_DECODE_CONFIG",
+    "INTERPRETER_GEMM_CONFIG",
+    "MAX_DECODE_M",
+    "TileConfig",
+    "decode_plan",
+    "gemm_m_bucket",
+    "hadamard_launch",
+]
+
+
+class TileConfig(NamedTuple):
+    """One kernel configuration: tile constexprs plus Triton's ``num_warps`` / ``num_stages``."""
+
+    meta: dict[str, Any]
+    num_warps: int
+    num_stages: int
+
+    def label(self) -> str:
+        tiles = "_".join(f"{k}{v}" for k, v in self.meta.items())
+        return f"{tiles}_w{self.num_warps}_s{self.num_stages}"
+
+
+def _gemm(bm: int, bn: int, bk: int, warps: int, stages: int) -> TileConfig:
+    return TileConfig({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, warps, stages)
+
+
+# Prefill (M > MAX_DECODE_M): tensor-core tiles. BLOCK_K is a multiple of 32 (whole 3-bit blocks of codes).
+GEMM_CONFIGS = (
+    _gemm(128, 128, 64, 8, 3),
+    _gemm(128, 128, 32, 4, 4),
+    _gemm(64, 128, 64, 4, 4),
+    _gemm(128, 64, 64, 4, 4),
+    _gemm(64, 64, 64, 4, 4),
+    _gemm(128, 256, 64, 8, 3),
+    _gemm(64, 128, 128, 4, 3),
+    _gemm(32, 64, 64, 4, 4),
+)
+# The CPU interpreter is slow and cannot benchmark: the autotuned launch uses one small tile there (tests run the GPU
+# configurations above explicitly).
+INTERPRETER_GEMM_CONFIG = TileConfig({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, 4, 1)
+
+# The prefill kernel is tuned per bucket of M (the smallest bucket >= M, else the last one). Few, wide buckets: a new
+# bucket means one round of tuning (logged), and prompts of similar length share one.
+GEMM_M_BUCKETS = (32, 128, 512, 2048)
+
+# Decode (1 <= M <= MAX_DECODE_M): split-K over column tiles. BLOCK_N and the split are chosen together on the host
+# (:func:`decode_plan`); BLOCK_K, warps and stages are autotuned. With one token every lane keeps a
+# [BLOCK_K, BLOCK_N] fp32 accumulator (reduced once at the end), so BLOCK_K * BLOCK_N / (32 * num_warps) values per
+# thread must stay well under the register file: at most 64 here.
+MAX_DECODE_M = 16
+DECODE_BLOCK_N = (64, 128)
+DECODE_CONFIGS = (
+    TileConfig({"BLOCK_K": 32}, 4, 4),
+    TileConfig({"BLOCK_K": 64}, 4, 3),
+    TileConfig({"BLOCK_K": 64}, 4, 4),
+    TileConfig({"BLOCK_K": 128}, 8, 3),
+)
+INTERPRETER_DECODE_CONFIG = TileConfig({"BLOCK_K": 32}, 4, 1)
+INTERPRETER_DECODE_BLOCK_N = 32
+# Each split owns at least this many columns of K; at most this many splits.
+MIN_SPLIT_K_COLUMNS = 512
+MAX_SPLIT_K = 16
+
+# Dequantize: one fixed tile (a bandwidth-bound copy-like kernel).
+DEQUANT_CONFIG = TileConfig({"BLOCK_K": 64, "BLOCK_N": 64}, 4, 1)
+
+# Hadamard: float32 values one program keeps (rows x block); a 4096-wide block is one row per program.
+HADAMARD_TILE_ELEMS = 4096
+HADAMARD_MAX_ROWS = 16
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def gemm_m_bucket(m: int) -> int:
+    """The autotuning bucket of the prefill kernel for ``m`` rows."""
+    return next((b for b in GEMM_M_BUCKETS if m <= b), GEMM_M_BUCKETS[-1])
+
+
+def decode_plan(n_out: int, k: int, num_sms: int) -> tuple[int, int]:
+    """``(BLOCK_N, SPLIT_K)`` of the decode kernel for a ``[n_out, k]`` weight on a GPU with ``num_sms`` SMs.
+
+    Decode reads every weight once, so it needs enough programs to keep all SMs streaming: about two per SM. Wide
+    column tiles (128) when the columns alone give one program per two SMs, else 64-wide ones; then K is split
+    until ``column tiles x splits`` reaches two programs per SM, each split keeping at least
+    :data:`MIN_SPLIT_K_COLUMNS` columns of K.
+    """
+    wide, narrow = max(DECODE_BLOCK_N), min(DECODE_BLOCK_N)
+    block_n = wide if 2 * _cdiv(n_out, wide) >= num_sms else narrow
+    col_tiles = _cdiv(n_out, block_n)
+    split = min(MAX_SPLIT_K, _cdiv(2 * num_sms, col_tiles), k // MIN_SPLIT_K_COLUMNS)
+    return block_n, max(1, split)
+
+
+def hadamard_launch(m: int, block: int, interpreter: bool = False) -> tuple[int, int]:
+    """``(BLOCK_M, num_warps)`` of the Hadamard kernel for ``m`` rows and Hadamard block ``block``."""
+    block_m = max(1, min(HADAMARD_MAX_ROWS, HADAMARD_TILE_ELEMS // block, _next_power_of_2(m)))
+    num_warps = 1 if interpreter else (4 if block_m * block <= 2048 else 8)
+    return block_m, num_warps
