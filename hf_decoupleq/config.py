@@ -49,11 +49,14 @@ RESULT_FIELDS = (
 
 # calibration_dtype values: forwards during calibration run under autocast to this dtype.
 CALIBRATION_DTYPES = ("float32", "bfloat16", "float16")
+# batch_size / calibration_dtype value chosen per run from the hardware (hf_decoupleq.hardware).
+AUTO = "auto"
 
 
 def _dtype_name(dtype: Any) -> Any:
-    """`torch.bfloat16` / "torch.bfloat16" / "bf16" -> "bfloat16"; anything else is returned for validation."""
-    if dtype is None:
+    """`torch.bfloat16` / "torch.bfloat16" / "bf16" -> "bfloat16"; "model" / "none" -> None (the model's dtype);
+    anything else is returned for validation."""
+    if dtype is None or (isinstance(dtype, str) and dtype.lower() in ("model", "none")):
         return None
     name = str(dtype).removeprefix("torch.")
     return {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(
@@ -129,13 +132,17 @@ class DecoupleQConfig(QuantizationConfigMixin):
         dataset (defaults to "c4"): "wikitext2", "c4", "pile" (Hub datasets), "self" (sampled from the model itself),
             a local `.txt`/`.jsonl`/`.parquet` path, a list of strings, a `datasets.Dataset`, or token ids.
         tokenizer (*optional*): a tokenizer or its name/path; defaults to the model's `name_or_path`.
-        batch_size (`int`, defaults to 1): calibration windows per forward pass (more is faster on CPUs, needs more
-            memory for activations). The block-wise stage still takes one Adam step per window.
-        calibration_dtype (`str`, *optional*): run the calibration forwards (Hessian collection, block outputs,
-            the block-wise stage) under autocast to this dtype: "bfloat16" or "float16" on a float32 model. The
-            solver itself always works in float32/float64 and the stored scales keep the model's dtype. `None` (the
-            default) computes in the model's own dtype. On CPUs with AVX512-BF16/AMX, "bfloat16" makes quantizing
-            a float32 model about 2-3x faster; see the README for its measured effect on accuracy.
+        batch_size (`int` or "auto", defaults to "auto"): calibration windows per forward pass (more is faster,
+            needs more memory for activations). "auto" takes as many as fit in half the free memory of the compute
+            device after the kept calibration activations, at most 8 (the benchmarks' CPU setting) and at most
+            `num_samples`; 1 if the free memory cannot be read. The block-wise stage still takes one optimizer step
+            per window, so results depend on it only through float rounding.
+        calibration_dtype (`str`, defaults to "auto"): run the calibration forwards (Hessian collection, block
+            outputs, the block-wise stage) under autocast to this dtype: "bfloat16" or "float16" on a float32 model.
+            The solver itself always works in float32/float64 and the stored scales keep the model's dtype. `None`
+            (or "model") computes in the model's own dtype. "auto" picks "bfloat16" for a float32 model on a device
+            with native bf16 matmuls (CUDA compute capability 8.0+, CPUs with AVX512-BF16 or AMX) and the model's
+            dtype elsewhere. The values "auto" resolved to are logged and stored in `quantization_stats`.
         incoherence (`bool`, defaults to True): QuIP-style incoherence processing: a seeded randomized Hadamard
             transform on the input side of each quantized linear (`W -> W V^T`, `H -> V H V^T`), undone at
             inference by transforming the activations. On by default because it measured markedly more accurate at
@@ -173,8 +180,8 @@ class DecoupleQConfig(QuantizationConfigMixin):
         true_sequential: bool = True,
         dataset: Any = "c4",
         tokenizer: Any = None,
-        batch_size: int = 1,
-        calibration_dtype: str | None = None,
+        batch_size: int | str = AUTO,
+        calibration_dtype: str | None = AUTO,
         incoherence: bool = True,
         checkpoint_dir: str | None = None,
         device: str | None = None,
@@ -260,9 +267,13 @@ class DecoupleQConfig(QuantizationConfigMixin):
         wd = self.blockwise_weight_decay
         if not isinstance(wd, (int, float)) or isinstance(wd, bool) or wd < 0:
             fail("blockwise_weight_decay", "use a float >= 0")
-        for field in ("num_samples", "seq_len", "batch_size"):
+        for field in ("num_samples", "seq_len"):
             if not is_int(getattr(self, field)) or getattr(self, field) < 1:
                 fail(field, "use a positive integer")
+        if isinstance(self.batch_size, str) and self.batch_size.lower() == AUTO:
+            self.batch_size = AUTO
+        elif not is_int(self.batch_size) or self.batch_size < 1:
+            fail("batch_size", f"use a positive integer or {AUTO!r}")
         if not is_int(self.seed) or self.seed < 0:
             fail("seed", "use an integer >= 0")
         if self.modules_to_not_convert is not None and not all(
@@ -271,8 +282,13 @@ class DecoupleQConfig(QuantizationConfigMixin):
             fail("modules_to_not_convert", "use a list of module names")
         if self.packed_modules is not None and not all(isinstance(m, str) for m in self.packed_modules):
             fail("packed_modules", "use a list of module names (written by the library)")
-        if self.calibration_dtype is not None and self.calibration_dtype not in CALIBRATION_DTYPES:
-            fail("calibration_dtype", f"use None (the model's dtype) or one of {list(CALIBRATION_DTYPES)}")
+        if isinstance(self.calibration_dtype, str) and self.calibration_dtype.lower() == AUTO:
+            self.calibration_dtype = AUTO
+        elif self.calibration_dtype is not None and self.calibration_dtype not in CALIBRATION_DTYPES:
+            fail(
+                "calibration_dtype",
+                f"use {AUTO!r}, None (the model's dtype) or one of {list(CALIBRATION_DTYPES)}",
+            )
         if isinstance(self.dataset, str) and self.dataset.lower() in KNOWN_DATASETS:
             self.dataset = self.dataset.lower()
         if self.dataset is None:
@@ -324,9 +340,19 @@ class DecoupleQConfig(QuantizationConfigMixin):
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
 
-    def result_fingerprint(self) -> dict[str, Any]:
-        """The fields that determine the quantized result (used to refuse resuming with other settings)."""
+    def result_fingerprint(self, **resolved: Any) -> dict[str, Any]:
+        """The fields that determine the quantized result (used to refuse resuming with other settings).
+
+        `resolved` gives the values an "auto" field resolved to in this run (`batch_size`, `calibration_dtype`): they
+        replace "auto", so the fingerprint names what was computed, and an "auto" run that resolved to the same
+        values as an explicit one can resume it. Explicit values are kept as given.
+        """
         d = self.to_dict()
+        for key, value in resolved.items():
+            if key not in RESULT_FIELDS:
+                raise ValueError(f"{key!r} is not a result field")
+            if d[key] == AUTO:
+                d[key] = value
         return {k: d[k] for k in RESULT_FIELDS}
 
     def __iter__(self):

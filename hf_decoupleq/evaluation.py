@@ -27,7 +27,7 @@ from .errors import DecoupleQConfigError, DecoupleQDataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EVAL_DATASETS", "PerplexityResult", "load_eval_text", "perplexity"]
+__all__ = ["EVAL_DATASETS", "PerplexityResult", "load_eval_text", "perplexity", "perplexity_record"]
 
 # Known evaluation sets: name -> datasets.load_dataset arguments (the test split, as every paper reports).
 EVAL_DATASETS: dict[str, dict[str, Any]] = {
@@ -214,3 +214,50 @@ def perplexity(
         "perplexity %.4f (nll %.5f over %d tokens, %d windows of %d)", ppl, mean_nll, n_tokens, n_windows, seq_len
     )
     return PerplexityResult(ppl=ppl, nll=mean_nll, n_tokens=n_tokens, n_windows=n_windows)
+
+
+def perplexity_record(
+    quantized: PerplexityResult,
+    original: PerplexityResult | None,
+    *,
+    dataset: str,
+    seq_len: int,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """A JSON-safe record of a measured perplexity, with its protocol, for the model card.
+
+    Stored as ``quantization_stats["eval"]["perplexity"]`` it is written to ``config.json`` and rendered as the card's
+    "Quality" section (:func:`hf_decoupleq.hub.card.render_model_card`).
+
+    Args:
+        quantized: the quantized model's result.
+        original: the full-precision model's result on the very same windows, or None if it was not measured.
+        dataset: what was scored, as a reader should see it (a dataset name or a file name, never a local path).
+        seq_len: the window length used.
+        command: the command that measured it, if any.
+
+    Raises:
+        DecoupleQConfigError: the two results were not measured on the same windows.
+    """
+    if original is not None and (original.n_windows, original.n_tokens) != (quantized.n_windows, quantized.n_tokens):
+        raise DecoupleQConfigError(
+            f"the original ({original.n_windows} windows, {original.n_tokens} tokens) and quantized "
+            f"({quantized.n_windows} windows, {quantized.n_tokens} tokens) perplexities were measured on different text"
+        )
+    record: dict[str, Any] = {
+        "metric": "perplexity",
+        "dataset": dataset,
+        "protocol": (
+            f"{quantized.n_windows} non-overlapping windows of {seq_len} tokens from the start of the text, each "
+            f"scored on its own; exp of the mean next-token negative log-likelihood over {quantized.n_tokens} "
+            "predicted tokens"
+        ),
+        "seq_len": seq_len,
+        "n_windows": quantized.n_windows,
+        "n_tokens": quantized.n_tokens,
+        "quantized": quantized.ppl,
+        "original": None if original is None else original.ppl,
+    }
+    if command:
+        record["command"] = command
+    return record

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import DecoupleQConfig
+from . import hardware
+from .config import AUTO, DecoupleQConfig
 from .errors import DecoupleQError, DecoupleQNumericalError, UnsupportedModelError
 from .hadamard import has_transform, random_signs, transform_hessian, transform_weight
 from .integration import check_quantizable, find_decoder_blocks, find_linears, set_submodule
@@ -98,12 +99,19 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _calibration_dtype(config: DecoupleQConfig, model: nn.Module) -> torch.dtype | None:
-    """The autocast dtype for `config.calibration_dtype`, or None when the model already computes in it."""
-    if config.calibration_dtype is None:
-        return None
-    dtype = getattr(torch, config.calibration_dtype)
+def _calibration_dtype(
+    config: DecoupleQConfig, model: nn.Module, device: torch.device | None = None
+) -> torch.dtype | None:
+    """The autocast dtype for `config.calibration_dtype`, or None when the model already computes in it.
+
+    "auto" resolves with `hardware.auto_calibration_dtype` for the compute `device` (default: `_compute_device`)."""
     weights = {p.dtype for p in model.parameters() if p.is_floating_point() and p.device.type != "meta"}
+    name = config.calibration_dtype
+    if name == AUTO:
+        name = hardware.auto_calibration_dtype(weights, device if device is not None else _compute_device(config, model))
+    if name is None:
+        return None
+    dtype = getattr(torch, name)
     if weights == {dtype}:
         return None
     if any(w.itemsize < dtype.itemsize for w in weights):
@@ -113,6 +121,19 @@ def _calibration_dtype(config: DecoupleQConfig, model: nn.Module) -> torch.dtype
             "precision: load the model in that dtype instead, or leave calibration_dtype=None"
         )
     return dtype
+
+
+def _calibration_batch_size(config: DecoupleQConfig, model: nn.Module, device: torch.device) -> int:
+    """`config.batch_size`, or for "auto" what fits the free memory of `device` (`hardware.auto_batch_size`)."""
+    if config.batch_size != AUTO:
+        return config.batch_size
+    return hardware.auto_batch_size(
+        getattr(model, "config", None),
+        num_samples=config.num_samples,
+        seq_len=config.seq_len,
+        free_bytes=hardware.free_memory_bytes(device),
+        activations_on_device=device.type == "cpu",
+    )
 
 
 def _block_output(out: Any) -> torch.Tensor:
@@ -516,6 +537,8 @@ def quantize_block(
     `compute_dtype` (from `_calibration_dtype`) autocasts the block's forwards; the solver is unaffected. A `replay`
     (see `ChildReplay`) is filled here and may be reused by `forward_quantized_block` afterwards."""
     t0 = time.perf_counter()
+    # The block-wise stage trains in float32; every parameter goes back to its own dtype afterwards.
+    param_dtypes = {name: p.dtype for name, p in block.named_parameters()}
     linears = find_linears(block, f"{block_name}.", skip)
     stats: dict[str, Any] = {"index": block_index, "layers": {}}
     if not linears:
@@ -589,7 +612,7 @@ def quantize_block(
     refined_outputs = None
     if need_targets:
         t_refine = time.perf_counter()
-        orig_dtype = next(block.parameters()).dtype
+        orig_dtype = next(iter(param_dtypes.values()))
         initial_loss = None
         if replay is not None and orig_dtype == torch.float32:
             # The loss before training, with the recorded attention outputs replayed (refine_block would run the
@@ -616,7 +639,9 @@ def quantize_block(
             initial_loss=initial_loss,
         )
         refined_outputs = result.outputs
-        block.to(orig_dtype)
+        for name, param in block.named_parameters():
+            if name in param_dtypes:  # norms and other trained float parameters (not the fake-quant layers)
+                param.data = param.data.to(param_dtypes[name])
         stats["blockwise_initial_mse"] = result.initial_loss
         stats["blockwise_final_mse"] = result.final_loss
         stats["seconds_blockwise"] = time.perf_counter() - t_refine
@@ -757,7 +782,7 @@ def quantize_model(model: nn.Module, config: DecoupleQConfig, tokenizer: Any = N
     # The oldest format that can read the result: incoherent layers need readers that know `hadamard_signs`.
     config.format_version = required_format_version(config.incoherence)
     t_start = time.perf_counter()
-    original_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    original_bytes = _state_bytes(model)
     prefix, blocks = find_decoder_blocks(model)
     skip = config.effective_modules_to_not_convert
     check_quantizable(model, skip)
@@ -775,20 +800,32 @@ def quantize_model(model: nn.Module, config: DecoupleQConfig, tokenizer: Any = N
         seed=config.seed,
         model=model,
     )
+    # "auto" settings are resolved once, for the device the first block is solved on.
+    first_device = _compute_device(config, blocks[0])
+    compute_dtype = _calibration_dtype(config, model, first_device)
+    batch_size = _calibration_batch_size(config, model, first_device)
+    resolved = {
+        "batch_size": batch_size,
+        "calibration_dtype": None if compute_dtype is None else str(compute_dtype).removeprefix("torch."),
+    }
+    logger.info(
+        "calibration on %s: batch_size %d%s, calibration_dtype %s%s", hardware.describe_device(first_device), batch_size,
+        " (auto)" if config.batch_size == AUTO else "", resolved["calibration_dtype"] or "the model's dtype",
+        " (auto)" if config.calibration_dtype == AUTO else "",
+    )  # fmt: skip
     store = None
     if config.checkpoint_dir is not None:
         store = ResumeStore(
             config.checkpoint_dir,
-            fingerprint={**config.result_fingerprint(), **calibration_fingerprint(windows, tok)},
+            fingerprint={**config.result_fingerprint(**resolved), **calibration_fingerprint(windows, tok)},
             model_id=_model_identity(model, len(blocks)),
         )
-    compute_dtype = _calibration_dtype(config, model)
     was_training = model.training
     model.eval()
     block_stats: list[dict[str, Any]] = []
     try:
         with torch.no_grad():
-            inputs = capture_block_inputs(model, blocks, windows, config.batch_size)
+            inputs = capture_block_inputs(model, blocks, windows, batch_size)
         for h in inputs.hidden:
             _check_finite(h, "the calibration activations entering the first decoder block")
         bar = tqdm(range(len(blocks)), desc="decoupleQ", unit="block")
@@ -831,12 +868,22 @@ def quantize_model(model: nn.Module, config: DecoupleQConfig, tokenizer: Any = N
         "seconds": round(time.perf_counter() - t_start, 2),
         "calibration_tokens": int(windows.numel()),
         "original_size_bytes": original_bytes,
+        "batch_size": resolved["batch_size"],
+        "calibration_dtype": resolved["calibration_dtype"],
         "base_model": str(getattr(model, "name_or_path", "") or "") or None,
     }
     config.quantization_stats = summary
     # The reload rebuilds exactly these (a linear the calibration never reached stays dense, and loads dense).
     config.packed_modules = [name for name, m in model.named_modules() if isinstance(m, DecoupleQLinear)]
     return summary
+
+
+def _state_bytes(model: nn.Module) -> int:
+    """Bytes of the model's state dict with tied tensors (e.g. embeddings shared with lm_head) counted once, as a
+    checkpoint stores them. `keep_vars` returns the parameters themselves, so ties are found by identity (also for
+    offloaded weights on the meta device)."""
+    sizes = {id(t): t.numel() * t.element_size() for t in model.state_dict(keep_vars=True).values()}
+    return sum(sizes.values())
 
 
 def _mean(values: Sequence[float | None]) -> float | None:

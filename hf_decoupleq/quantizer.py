@@ -128,6 +128,7 @@ def _modules_to_not_convert(quantizer: HfQuantizer, model: torch.nn.Module, cfg:
     resume fingerprint do not depend on set order."""
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     keep |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    keep = {name.removesuffix(".weight") for name in keep}  # entries may name a parameter ("gate.weight")
     skips = quantizer.get_modules_to_not_convert(
         model, cfg.modules_to_not_convert, keep_in_fp32_modules=sorted(keep), add_default_skips=True
     )

@@ -7,7 +7,7 @@ A packed layer is checked once, where it enters the kernels (the custom ops of :
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -44,16 +44,10 @@ class PackedLayer(NamedTuple):
         return self.qweight.device
 
     @classmethod
-    def validate(
-        cls,
-        qweight: torch.Tensor,
-        scales: torch.Tensor,
-        zeros: torch.Tensor,
-        bits: int,
-        group_size: int,
-        in_features: int,
-    ) -> PackedLayer:
-        """Check a packed layer (``group_size`` may be ``-1`` or larger than ``in_features``: per-channel)."""
+    def validate(cls, *args: Any) -> PackedLayer:
+        """Check ``(qweight, scales, zeros, bits, group_size, in_features)``, the fields in order (``group_size`` may
+        be ``-1`` or larger than ``in_features``: per-channel)."""
+        qweight, scales, zeros, bits, group_size, in_features = cls(*args)
         check_bits(bits)
         g = effective_group_size(in_features, group_size)
         if qweight.dtype != torch.int32 or qweight.dim() != 2:

@@ -14,7 +14,7 @@ from hf_decoupleq.format import WORD_BITS, codes_per_block, words_per_block
 
 from ._common import interpreting
 
-__all__ = ["FORMAT_HEURISTICS", "dequant_tile", "group_params", "grouped_dot_acc", "unpack_tile"]
+__all__ = ["FORMAT_HEURISTICS", "dequant_tile", "dot_k_range", "group_params", "grouped_dot_acc", "unpack_tile"]
 
 _WORD_BITS = tl.constexpr(WORD_BITS)
 
@@ -141,4 +141,44 @@ def grouped_dot_acc(acc, x, q, s, z, IEEE: tl.constexpr, ALIGNED: tl.constexpr):
         acc += p * s + xs[:, None] * z
     else:
         acc += _dot(x, dequant_tile(q, s, z).to(x.dtype), IEEE)
+    return acc
+
+
+@triton.jit
+def dot_k_range(
+    acc,
+    x_rows,
+    mask_m,
+    stride_xk,
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    offs_n,
+    mask_n,
+    k_begin,
+    k_end,
+    K,
+    stride_qk,
+    stride_qn,
+    stride_sg,
+    stride_sn,
+    BITS: tl.constexpr,
+    CPB: tl.constexpr,
+    WPB: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    IEEE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``acc += x[:, k_begin:k_end] @ W[k_begin:k_end]`` in ``BLOCK_K`` steps (``x_rows``: ``[BM, 1]`` row
+    pointers of ``x``; ``k_begin`` a multiple of ``BLOCK_K``)."""
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        q = unpack_tile(qw_ptr, k0, K, offs_n, mask_n, stride_qk, stride_qn, BITS, CPB, WPB, BLOCK_K)
+        s, z = group_params(
+            s_ptr, z_ptr, k0, offs_k, offs_n, mask_k, mask_n, stride_sg, stride_sn, GROUP_SIZE, ALIGNED
+        )
+        acc = grouped_dot_acc(acc, x, q, s, z, IEEE, ALIGNED)
     return acc

@@ -12,13 +12,16 @@ from typing import Any, NamedTuple
 __all__ = [
     "DECODE_BLOCK_N",
     "DECODE_CONFIGS",
+    "DECODE_MAX_WEIGHTS_PER_THREAD",
     "DEQUANT_CONFIG",
     "GEMM_CONFIGS",
     "GEMM_M_BUCKETS",
+    "INTERPRETER_DECODE_BLOCK_N",
     "INTERPRETER_DECODE_CONFIG",
     "INTERPRETER_GEMM_CONFIG",
     "MAX_DECODE_M",
     "TileConfig",
+    "decode_configs",
     "decode_plan",
     "gemm_m_bucket",
     "hadamard_launch",
@@ -61,17 +64,21 @@ INTERPRETER_GEMM_CONFIG = TileConfig({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 3
 GEMM_M_BUCKETS = (32, 128, 512, 2048)
 
 # Decode (1 <= M <= MAX_DECODE_M): split-K over column tiles. BLOCK_N and the split are chosen together on the host
-# (:func:`decode_plan`); BLOCK_K, warps and stages are autotuned. With one token every lane keeps a
-# [BLOCK_K, BLOCK_N] fp32 accumulator (reduced once at the end), so BLOCK_K * BLOCK_N / (32 * num_warps) values per
-# thread must stay well under the register file: at most 64 here.
+# (:func:`decode_plan`); BLOCK_K, warps and stages are autotuned among the candidates :func:`decode_configs` keeps.
 MAX_DECODE_M = 16
 DECODE_BLOCK_N = (64, 128)
 DECODE_CONFIGS = (
     TileConfig({"BLOCK_K": 32}, 4, 4),
     TileConfig({"BLOCK_K": 64}, 4, 3),
-    TileConfig({"BLOCK_K": 64}, 4, 4),
+    TileConfig({"BLOCK_K": 64}, 8, 3),
+    TileConfig({"BLOCK_K": 128}, 4, 3),
     TileConfig({"BLOCK_K": 128}, 8, 3),
 )
+# Weights per thread and K step. With one token every lane keeps its own fp32 products (reduced once after the
+# loop), and each weight also holds a code and, off a group boundary, its scale and zero: past 32 weights per
+# thread the registers (over 200 at 3 bits, ``python -m hf_decoupleq.kernels.aot``) leave too few warps per SM to
+# hide the latency of a bandwidth-bound kernel, and a full decode tile starts to spill.
+DECODE_MAX_WEIGHTS_PER_THREAD = 32
 INTERPRETER_DECODE_CONFIG = TileConfig({"BLOCK_K": 32}, 4, 1)
 INTERPRETER_DECODE_BLOCK_N = 32
 # Each split owns at least this many columns of K; at most this many splits.
@@ -112,6 +119,19 @@ def decode_plan(n_out: int, k: int, num_sms: int) -> tuple[int, int]:
     col_tiles = _cdiv(n_out, block_n)
     split = min(MAX_SPLIT_K, _cdiv(2 * num_sms, col_tiles), k // MIN_SPLIT_K_COLUMNS)
     return block_n, max(1, split)
+
+
+def decode_configs(
+    block_n: int, group_size: int, configs: tuple[TileConfig, ...] = DECODE_CONFIGS
+) -> list[TileConfig]:
+    """The decode candidates worth tuning for a column tile and an (effective) group size.
+
+    Those within :data:`DECODE_MAX_WEIGHTS_PER_THREAD`; among them, if any, only those whose K step lies inside one
+    group (``group_size % BLOCK_K == 0``: one scale row per step instead of per-weight scales).
+    """
+    fit = [c for c in configs if c.meta["BLOCK_K"] * block_n <= DECODE_MAX_WEIGHTS_PER_THREAD * 32 * c.num_warps]
+    aligned = [c for c in fit if group_size % c.meta["BLOCK_K"] == 0]
+    return aligned or fit or [min(configs, key=lambda c: c.meta["BLOCK_K"] * block_n / c.num_warps)]
 
 
 def hadamard_launch(m: int, block: int, interpreter: bool = False) -> tuple[int, int]:

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ._common import PackedLayer, interpreting
-from ._tiles import FORMAT_HEURISTICS, group_params, grouped_dot_acc, unpack_tile
+from ._tiles import FORMAT_HEURISTICS, dot_k_range
 from .configs import GEMM_CONFIGS, INTERPRETER_GEMM_CONFIG, TileConfig, gemm_m_bucket
 from .tuning import launch_tuned, triton_configs
 
@@ -66,15 +66,10 @@ def _gemm_kernel(
     mask_n = offs_n < N
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        q = unpack_tile(qw_ptr, k0, K, offs_n, mask_n, stride_qk, stride_qn, BITS, CPB, WPB, BLOCK_K)
-        s, z = group_params(
-            s_ptr, z_ptr, k0, offs_k, offs_n, mask_k, mask_n, stride_sg, stride_sn, GROUP_SIZE, ALIGNED
-        )
-        acc = grouped_dot_acc(acc, x, q, s, z, IEEE, ALIGNED)
+    acc = dot_k_range(
+        acc, x_rows, mask_m, stride_xk, qw_ptr, s_ptr, z_ptr, offs_n, mask_n, 0, K, K,
+        stride_qk, stride_qn, stride_sg, stride_sn, BITS, CPB, WPB, GROUP_SIZE, IEEE, ALIGNED, BLOCK_K,
+    )  # fmt: skip
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 

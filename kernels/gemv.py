@@ -17,13 +17,14 @@ import triton.language as tl
 from hf_decoupleq.errors import DecoupleQConfigError
 
 from ._common import PackedLayer, interpreting
-from ._tiles import FORMAT_HEURISTICS, dequant_tile, group_params, grouped_dot_acc, unpack_tile
+from ._tiles import FORMAT_HEURISTICS, dequant_tile, dot_k_range, group_params, unpack_tile
 from .configs import (
     DECODE_CONFIGS,
     INTERPRETER_DECODE_BLOCK_N,
     INTERPRETER_DECODE_CONFIG,
     MAX_DECODE_M,
     TileConfig,
+    decode_configs,
     decode_plan,
 )
 from .tuning import launch_tuned, triton_configs
@@ -87,28 +88,31 @@ def _gemv_kernel(
         acc = tl.sum(acc2, axis=0)[None, :]
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_begin, k_end, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            x = tl.load(
-                x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                mask=mask_m[:, None] & mask_k[None, :],
-                other=0.0,
-            )
-            q = unpack_tile(qw_ptr, k0, K, offs_n, mask_n, stride_qk, stride_qn, BITS, CPB, WPB, BLOCK_K)
-            s, z = group_params(
-                s_ptr, z_ptr, k0, offs_k, offs_n, mask_k, mask_n, stride_sg, stride_sn, GROUP_SIZE, ALIGNED
-            )
-            acc = grouped_dot_acc(acc, x, q, s, z, IEEE, ALIGNED)
+        acc = dot_k_range(
+            acc, x_ptr + offs_m[:, None] * stride_xm, mask_m, stride_xk, qw_ptr, s_ptr, z_ptr, offs_n, mask_n,
+            k_begin, k_end, K, stride_qk, stride_qn, stride_sg, stride_sn,
+            BITS, CPB, WPB, GROUP_SIZE, IEEE, ALIGNED, BLOCK_K,
+        )  # fmt: skip
     out_ptrs = out_ptr + pid_k * stride_ok + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 KERNEL = _gemv_kernel
 _HEURISTIC = triton.heuristics(FORMAT_HEURISTICS)(_gemv_kernel)
+
+
+def _prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
+    args = {**named_args, **kwargs}
+    keep = {
+        (c.meta["BLOCK_K"], c.num_warps, c.num_stages) for c in decode_configs(args["BLOCK_N"], args["GROUP_SIZE"])
+    }
+    return [c for c in configs if (c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in keep]
+
+
 _TUNED = triton.autotune(
     configs=triton_configs((INTERPRETER_DECODE_CONFIG,) if interpreting() else DECODE_CONFIGS),
     key=["N", "K", "BITS", "GROUP_SIZE", "BLOCK_M", "BLOCK_N", "SPLIT_K", "IEEE"],
+    prune_configs_by={"early_config_prune": _prune},
     cache_results=True,
 )(_HEURISTIC)
 

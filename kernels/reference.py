@@ -6,6 +6,8 @@ to ``scales``, ``zeros`` and ``x``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from hf_decoupleq.format import effective_group_size
@@ -45,19 +47,13 @@ def dequantize(
     return dequantize_codes(unpack(qweight, bits, in_features), scales, zeros, group_size, dtype)
 
 
-def matmul(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    bits: int,
-    group_size: int,
-    in_features: int,
-) -> torch.Tensor:
-    """Reference of the fused kernels: ``x @ W^T`` for ``x`` ``[..., K]``, in ``x.dtype`` (fp32 math for halves)."""
+def matmul(x: torch.Tensor, *packed: Any) -> torch.Tensor:
+    """Reference of the fused kernels: ``x @ W^T`` for ``x`` ``[..., K]``, in ``x.dtype`` (fp32 math for halves).
+
+    ``packed`` is ``(qweight, scales, zeros, bits, group_size, in_features)``, as for :func:`dequantize`.
+    """
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    w = dequantize(qweight, scales, zeros, bits, group_size, in_features, dtype=compute)
-    return (x.to(compute) @ w.T).to(x.dtype)
+    return (x.to(compute) @ dequantize(*packed, dtype=compute).T).to(x.dtype)
 
 
 def hadamard(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:

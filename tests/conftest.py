@@ -23,6 +23,26 @@ def shared_data() -> pathlib.Path:
     return SHARED_DATA
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "real_hardware: resolve the 'auto' calibration settings from this machine (see _fixed_hardware)"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _fixed_hardware(request, monkeypatch):
+    """Resolve `batch_size="auto"` / `calibration_dtype="auto"` (the defaults) as on a machine without native bf16
+    matmuls whose free memory cannot be read: float32 calibration, batch 1. The suite's numbers then do not depend on
+    the CPU it runs on. Tests of the resolution substitute their own probes; `@pytest.mark.real_hardware` tests see
+    the machine's."""
+    if request.node.get_closest_marker("real_hardware"):
+        return
+    from hf_decoupleq import hardware
+
+    monkeypatch.setattr(hardware, "native_bf16", lambda device: False)
+    monkeypatch.setattr(hardware, "free_memory_bytes", lambda device: None)
+
+
 WIKI_VALID = SHARED_DATA / "wikitext2" / "wiki.valid.tokens"
 WIKI_TEST = SHARED_DATA / "wikitext2" / "wiki.test.raw"
 

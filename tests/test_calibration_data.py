@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from hf_decoupleq.calibration import data
 from hf_decoupleq.calibration.data import get_calibration_windows, resolve_tokenizer, sample_windows
 from hf_decoupleq.errors import DecoupleQDataError
 
@@ -297,3 +298,34 @@ def test_self_sampling_without_bos_uses_a_seeded_random_first_token():
     b = get_calibration_windows("self", tok, num_samples=6, seq_len=4, seed=3, model=model)
     assert torch.equal(a, b)
     assert len(set(a[:, 0].tolist())) > 1
+
+
+def test_self_sampling_passes_the_cache_as_the_model_expects(tok):
+    """transformers 5.24 takes the KV cache as `cache` and warns on `past_key_values` at every call."""
+    import inspect
+    import warnings
+
+    model = _tiny_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = get_calibration_windows("self", tok, num_samples=2, seq_len=6, seed=0, model=model)
+    assert out.shape == (2, 6)
+    expected = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    assert data._cache_argument(model) == expected
+
+
+def test_self_sampling_batches_as_many_sequences_as_the_cache_budget_allows(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = _tiny_llama()  # 2 layers, 2 KV heads of 8 dims, float32: 256 bytes of cache per token
+    assert data._generation_batch_size(model, num_samples=100, seq_len=64) == 32
+    assert data._generation_batch_size(model, num_samples=5, seq_len=64) == 5
+    big = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1))  # fmt: skip
+    # 1 layer, 1 KV head of 8 dims, float32: 64 bytes per token; a 4 GiB budget then holds 2**26 / seq_len sequences.
+    assert data._generation_batch_size(big, num_samples=100, seq_len=2**24) == 4
+    assert data._generation_batch_size(big, num_samples=100, seq_len=2**27) == 1
+    # The default batch gives the same windows as sampling all of them at once, explicitly.
+    a = get_calibration_windows("self", tok, num_samples=5, seq_len=7, seed=3, model=model)
+    b = get_calibration_windows("self", tok, num_samples=5, seq_len=7, seed=3, model=model, generation_batch_size=5)
+    assert torch.equal(a, b)

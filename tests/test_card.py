@@ -1,9 +1,12 @@
 """Model card rendering: metadata parses, settings and numbers appear, the usage snippet is runnable Python."""
 
 import ast
+import json
+import math
 import re
 
 import pytest
+import torch
 from huggingface_hub import ModelCard
 
 from hf_decoupleq.errors import DecoupleQConfigError
@@ -161,3 +164,81 @@ def test_template_falls_back_to_the_repository_folder(monkeypatch):
 def test_bad_config_type():
     with pytest.raises(DecoupleQConfigError, match="quant_config"):
         render_model_card(42, base_model=None)
+
+
+def _record(quantized=51.08, original=20.57, n_windows=40, seq_len=2048):
+    from hf_decoupleq.evaluation import perplexity_record
+
+    n_tokens = n_windows * (seq_len - 1)
+    q = PerplexityResult(ppl=quantized, nll=math.log(quantized), n_tokens=n_tokens, n_windows=n_windows)
+    o = None if original is None else PerplexityResult(original, math.log(original), n_tokens, n_windows)
+    return perplexity_record(q, o, dataset="wikitext2 (test split)", seq_len=seq_len, command="decoupleq quantize x")
+
+
+def test_quality_section_carries_the_figures_and_their_protocol():
+    card = render_model_card(NESTED, base_model="o/b", eval_results={"perplexity": _record(), "other": 3.5})
+    text = card.text
+    section = text.split("## Quality", 1)[1].split("\n## ", 1)[0]
+    assert "Perplexity on `wikitext2 (test split)`: **51.08** quantized, 20.57 for the original model" in section
+    assert f"({51.08 / 20.57:.2f}x)" in section
+    assert "40 non-overlapping windows of 2048 tokens" in section and f"over {40 * 2047} predicted tokens" in section
+    assert "Measured by `decoupleq quantize x`." in section
+    # The record is not flattened into the evaluation table; plain numbers still are.
+    assert "| other | 3.50 |" in _lines(card) and "(protocol)" not in text
+    # Sections come in the template's order.
+    assert text.index("## Quantization settings") < text.index("## Quality") < text.index("## Evaluation") < text.index("## Usage")
+
+
+def test_quality_section_without_original_and_absent_without_record():
+    text = render_model_card(NESTED, base_model="o/b", eval_results={"ppl": _record(original=None)}).text
+    assert "**51.08** quantized." in text and "original model" not in text
+    assert "## Quality" not in render_model_card(NESTED, base_model="o/b", eval_results={"x": 1.0}).text
+
+
+def test_perplexity_record_refuses_results_on_different_text():
+    from hf_decoupleq.evaluation import perplexity_record
+
+    a, b = PerplexityResult(10.0, 2.3, 300, 3), PerplexityResult(9.0, 2.2, 200, 2)
+    with pytest.raises(DecoupleQConfigError, match="different text"):
+        perplexity_record(a, b, dataset="d", seq_len=101)
+
+
+def _reference_ppl(model, ids, seq_len, windows):
+    """exp(mean NLL) of the first `windows` non-overlapping windows, each scored alone, in float64."""
+    nll = 0.0
+    with torch.no_grad():
+        for w in range(windows):
+            x = ids[seq_len * w : seq_len * (w + 1)]
+            logp = torch.log_softmax(model(x[None]).logits[0].double(), -1)
+            nll -= logp[torch.arange(seq_len - 1), x[1:]].sum().item()
+    return math.exp(nll / (windows * (seq_len - 1)))
+
+
+def test_cli_eval_dataset_writes_measured_quality_and_tied_size_into_the_card(tiny_checkpoint, tmp_path):
+    from conftest import WIKI_TEST, WIKI_VALID
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_decoupleq import cli
+
+    src, out = tiny_checkpoint("qwen2"), tmp_path / "q"  # Qwen2 ties its embeddings and lm_head
+    argv = ["quantize", str(src), "-o", str(out), "--group-size", "16", "--dataset", str(WIKI_VALID),
+            "--num-samples", "4", "--seq-len", "32", "--rounds", "1", "--blockwise-epochs", "0",
+            "--eval-dataset", str(WIKI_TEST), "--eval-seq-len", "32", "--eval-windows", "2"]  # fmt: skip
+    assert cli.main(argv) == 0
+    tok = AutoTokenizer.from_pretrained(src)
+    ids = tok(WIKI_TEST.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    original = _reference_ppl(AutoModelForCausalLM.from_pretrained(src), ids, 32, 2)
+    quantized = _reference_ppl(AutoModelForCausalLM.from_pretrained(out), ids, 32, 2)
+    stats = json.loads((out / "config.json").read_text())["quantization_config"]["quantization_stats"]
+    record = stats["eval"]["perplexity"]
+    assert (record["original"], record["quantized"]) == pytest.approx((original, quantized), rel=1e-4)
+    assert record["dataset"] == "wiki.test.raw" and "/" not in record["command"]
+    card = (out / "README.md").read_text()
+    assert f"**{quantized:.2f}** quantized, {original:.2f} for the original model" in card
+    assert "2 non-overlapping windows of 32 tokens" in card
+    # The original size is what its checkpoint stores: every tensor of the safetensors file, the tied one once.
+    stored = sum(t.numel() * t.element_size() for t in load_file(src / "model.safetensors").values())
+    line = next(line for line in card.splitlines() if line.startswith("- Original checkpoint:"))
+    assert line.endswith(f"({stored:,} bytes)")
+    assert stats["original_size_bytes"] == stored

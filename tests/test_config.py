@@ -21,6 +21,10 @@ from hf_decoupleq.errors import DecoupleQConfigError
         ("symmetric", "yes", "symmetric='yes'"),
         ("blockwise_lr", -1e-3, "blockwise_lr"),
         ("dataset", None, "dataset=None"),
+        ("batch_size", "fast", "'auto'"),
+        ("batch_size", 0, "batch_size=0"),
+        ("batch_size", 2.0, "batch_size=2.0"),
+        ("calibration_dtype", "int8", "'auto'"),
     ],
 )
 def test_bad_values_name_the_field_and_what_is_allowed(field, value, needle):
@@ -65,3 +69,18 @@ def test_incoherence_is_on_by_default_but_old_checkpoint_configs_read_as_plain()
 def test_newer_format_version_refused():
     with pytest.raises(DecoupleQConfigError, match="upgrade"):
         DecoupleQConfig(format_version=10**6)
+
+
+def test_batch_size_and_calibration_dtype_default_to_auto():
+    cfg = DecoupleQConfig()
+    assert (cfg.batch_size, cfg.calibration_dtype) == ("auto", "auto")
+    assert DecoupleQConfig(batch_size="AUTO", calibration_dtype="Auto").to_dict()["batch_size"] == "auto"
+    assert DecoupleQConfig(calibration_dtype="model").calibration_dtype is None
+    back = DecoupleQConfig.from_dict(DecoupleQConfig().to_dict())
+    assert (back.batch_size, back.calibration_dtype) == ("auto", "auto")
+    explicit = DecoupleQConfig(batch_size=8, calibration_dtype="bfloat16")
+    assert explicit.result_fingerprint(batch_size=1, calibration_dtype=None) == explicit.result_fingerprint()
+    fp = DecoupleQConfig().result_fingerprint(batch_size=8, calibration_dtype="bfloat16")
+    assert (fp["batch_size"], fp["calibration_dtype"]) == (8, "bfloat16")
+    with pytest.raises(ValueError, match="tokenizer"):
+        DecoupleQConfig().result_fingerprint(tokenizer="x")

@@ -205,10 +205,54 @@ def test_quickstart_reports_sizes_bits_and_generations(tiny_checkpoint, tmp_path
     assert before == reference_continuation(src, "the game was", 4)
     after = ast.literal_eval(lines["after (W2g32)"])
     assert after == reference_continuation(out, "the game was", 4)
-    assert json.loads((out / "config.json").read_text())["quantization_config"]["dataset"] == "self"
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["dataset"] == "self"
+    # The quality figure: perplexity of the fp32 and the quantized model on 4 held-out sequences the fp32 model
+    # sampled with seed 1 (calibration: seed 0), recomputed here in float64 from the same sampler.
+    from hf_decoupleq.calibration.data import get_calibration_windows
+
+    original = AutoModelForCausalLM.from_pretrained(src)
+    tok = AutoTokenizer.from_pretrained(src)
+    held_out = get_calibration_windows("self", tok, num_samples=4, seq_len=16, seed=1, model=original)
+    calibration = get_calibration_windows("self", tok, num_samples=4, seq_len=16, seed=0, model=original)
+    assert not torch.equal(held_out, calibration)
+    expected = [reference_ppl(m, held_out) for m in (original, AutoModelForCausalLM.from_pretrained(out))]
+    printed = lines["perplexity"].split()
+    assert (float(printed[0]), float(printed[3])) == pytest.approx(expected, abs=0.006)
+    record = qcfg["quantization_stats"]["eval"]["perplexity"]
+    assert (record["original"], record["quantized"]) == pytest.approx(expected, rel=1e-4)
+    assert (record["n_windows"], record["seq_len"], record["n_tokens"]) == (4, 16, 4 * 15)
+    card = (out / "README.md").read_text()
+    assert "## Quality" in card and f"**{record['quantized']:.2f}** quantized" in card
+    assert f"{record['original']:.2f} for the original model" in card and "4 non-overlapping windows of 16" in card
     # A second run refuses to write over the saved model before doing any work.
     with pytest.raises(SystemExit, match="--overwrite"):
         quickstart.main(argv)
+
+
+def reference_ppl(model, windows: torch.Tensor) -> float:
+    """exp(mean next-token NLL) over the windows, each scored alone, in float64."""
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for x in windows:
+            logp = torch.log_softmax(model(x[None]).logits[0].double(), -1)
+            nll -= logp[torch.arange(len(x) - 1), x[1:]].sum().item()
+            count += len(x) - 1
+    return math.exp(nll / count)
+
+
+def test_quickstart_entry_point_emits_no_warning(tiny_checkpoint, tmp_path, capfd):
+    """No Python warning (they are errors here) and no warning line from a logger in the printed output."""
+    import warnings
+
+    argv = ["--model", str(tiny_checkpoint("llama")), "--output", str(tmp_path / "qs"), "--group-size", "32",
+            "--num-samples", "4", "--seq-len", "16", "--rounds", "1", "--max-new-tokens", "4"]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_example("quickstart").main(argv) == 0
+    out, err = capfd.readouterr()
+    for text in (out, err):
+        assert "warn" not in text.lower() and "deprecat" not in text.lower(), text
 
 
 def _write_stub(path, body):

@@ -79,7 +79,8 @@ def test_forward_quantized_block_matches_the_packed_modules():
 def test_calibration_dtype_values():
     assert DecoupleQConfig(calibration_dtype=torch.bfloat16).calibration_dtype == "bfloat16"
     assert DecoupleQConfig(calibration_dtype="bf16").calibration_dtype == "bfloat16"
-    assert DecoupleQConfig().calibration_dtype is None
+    assert DecoupleQConfig().calibration_dtype == "auto"
+    assert DecoupleQConfig(calibration_dtype="model").calibration_dtype is None
     with pytest.raises(DecoupleQConfigError, match=r"calibration_dtype='int8'.*bfloat16"):
         DecoupleQConfig(calibration_dtype="int8")
     bf16_model = build_tiny_model("llama").to(torch.bfloat16)

@@ -242,6 +242,9 @@ def quantize_decoupleq(model, tokenizer, windows, setting: Setting, method: str,
         phase: round(sum(b.get(f"seconds_{phase}", 0.0) for b in blocks), 1)
         for phase in ("calibration_passes", "solve", "blockwise")
     }
+    # What "auto" batch size / calibration dtype resolved to (explicit values are recorded as given).
+    stats = getattr(cfg, "quantization_stats", None) or {}
+    out["calibration_resolved"] = {k: stats.get(k) for k in ("batch_size", "calibration_dtype")}
     out.update(decoupleq_linear_stats(model))
     out["packed_size_bytes"] = _common.unique_tensor_bytes(model.state_dict())
     out["packed_size_source"] = "state_dict of the packed model (DecoupleQLinear buffers + unquantized tensors)"
@@ -824,14 +827,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--eval-windows", type=int, default=40, help="WikiText-2 test windows of 2048 tokens (default 40)")
     p.add_argument(
-        "--batch-size", type=int, default=8, help="calibration windows per forward pass, decoupleQ-family runs (default 8)"
+        "--batch-size",
+        type=lambda s: s if s == "auto" else int(s),
+        default=8,
+        help="calibration windows per forward pass, decoupleQ-family runs, or 'auto' (the library default; default 8)",
     )
     p.add_argument(
         "--calibration-dtype",
-        choices=("model", "bfloat16", "float32"),
+        choices=("model", "bfloat16", "float32", "auto"),
         default="bfloat16",
         help="DecoupleQConfig.calibration_dtype of the decoupleQ-family runs ('model': the model's float32; "
-        "default bfloat16: autocast forwards, float32/float64 solver)",
+        "'auto': the library default; default bfloat16: autocast forwards, float32/float64 solver)",
     )
     p.add_argument("--num-samples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default 512)")

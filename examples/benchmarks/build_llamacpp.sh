@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build llama.cpp's command-line tools (llama-quantize, llama-imatrix, llama-perplexity, llama-cli, llama-simple)
+# Build llama.cpp's command-line tools (llama-quantize, llama-imatrix, llama-perplexity, llama-cli, llama-completion)
 # into a cache folder outside the repository, for tests/test_gguf_export.py and bench_llamacpp.py.
 #
 #   examples/benchmarks/build_llamacpp.sh            # -> ~/.cache/hf-decoupleq/llama.cpp/build/bin/
@@ -11,7 +11,7 @@ set -euo pipefail
 
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 ROOT="${HF_DECOUPLEQ_LLAMA_CPP:-$HOME/.cache/hf-decoupleq/llama.cpp}"
-TARGETS=(llama-quantize llama-imatrix llama-perplexity llama-cli llama-simple)
+TARGETS=(llama-quantize llama-imatrix llama-perplexity llama-cli llama-completion)
 JOBS="${JOBS:-$(nproc)}"
 
 missing=()

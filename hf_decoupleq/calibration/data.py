@@ -13,6 +13,7 @@ that works offline and writes nothing to the ``datasets`` cache. Named Hub datas
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -367,6 +368,36 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+# Self-sampling batches: at most this many sequences, and KV caches of at most this many bytes in all.
+_MAX_GENERATION_BATCH = 32
+_GENERATION_CACHE_BYTES = 4 << 30
+
+
+def _generation_batch_size(model: torch.nn.Module, num_samples: int, seq_len: int) -> int:
+    """Sequences sampled together for ``"self"``: up to 32 whose KV cache (``seq_len`` tokens, from the model config
+    and dtype) fits in 4 GiB. It depends on the model and the settings only, so the windows do not change with the
+    machine."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    layers = getattr(cfg, "num_hidden_layers", None) or 32
+    heads = getattr(cfg, "num_attention_heads", None) or 32
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or (getattr(cfg, "hidden_size", None) or 4096) // heads
+    element = next(model.parameters()).element_size()
+    per_sequence = 2 * layers * kv_heads * head_dim * element * seq_len
+    return max(1, min(_MAX_GENERATION_BATCH, num_samples, _GENERATION_CACHE_BYTES // max(per_sequence, 1)))
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The name under which `model`'s forward takes (and its output returns) the KV cache: ``cache`` from transformers
+    5.24 on (``past_key_values`` is deprecated there and warns on every call), ``past_key_values`` before."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins / C extensions
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 @torch.no_grad()
 def _sample_from_model(
     model: torch.nn.Module,
@@ -385,6 +416,7 @@ def _sample_from_model(
     bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
     if bos is None:
         bos = getattr(model.config, "bos_token_id", None)
+    cache_arg = _cache_argument(model)
     # The generator lives on the model's device so multinomial sampling stays there; seeding makes it reproducible.
     gen = torch.Generator(device=device).manual_seed(seed)
     out = torch.empty(num_samples, seq_len, dtype=torch.long)
@@ -400,8 +432,8 @@ def _sample_from_model(
             seqs = [ids]
             cur, past = ids, None
             for _ in range(seq_len - 1):
-                res = model(input_ids=cur, past_key_values=past, use_cache=True)
-                past = res.past_key_values
+                res = model(input_ids=cur, use_cache=True, **{cache_arg: past})
+                past = getattr(res, cache_arg)
                 logits = res.logits[:, -1, :].float() / temperature
                 if 0 < top_k < logits.shape[-1]:
                     kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -424,7 +456,7 @@ def get_calibration_windows(
     seed: int = 0,
     model: torch.nn.Module | None = None,
     text_column: str = "text",
-    generation_batch_size: int = 8,
+    generation_batch_size: int | None = None,
     top_k: int = 50,
     temperature: float = 1.0,
 ) -> torch.Tensor:
@@ -447,7 +479,9 @@ def get_calibration_windows(
             - ``"self"``: data-free calibration as in LLM-QAT. Each sequence starts from the tokenizer's BOS token
               (or the model config's, or a seeded random token when there is none) and is sampled from ``model``
               itself (temperature ``temperature``, top-``top_k``, KV cache, ``generation_batch_size`` sequences at a
-              time, seeded ``torch.Generator`` on the model's device). Trade-off: no data is needed, but it is much
+              time, seeded ``torch.Generator`` on the model's device). A decode step costs about the same for 4 or
+              32 sequences on a CPU, so by default as many sequences as possible are sampled together: up to 32,
+              as many as keep their KV cache under 4 GiB (from the model config, so the same on every machine). Trade-off: no data is needed, but it is much
               slower (``seq_len`` forward passes per batch) and the windows follow the model's own distribution,
               which may under-represent domain text the model will see in use.
 
@@ -459,7 +493,8 @@ def get_calibration_windows(
         seed (`int`): seed of the window positions (and of sampling for ``"self"``).
         model: the model to sample from for ``"self"``; otherwise only used to find a tokenizer.
         text_column (`str`): text field of json/parquet files and Datasets.
-        generation_batch_size, top_k, temperature: sampling settings for ``"self"``.
+        generation_batch_size, top_k, temperature: sampling settings for ``"self"`` (``generation_batch_size=None``:
+            see ``"self"`` above).
 
     Returns:
         `torch.LongTensor` of shape ``[num_samples, seq_len]`` on the CPU.
@@ -476,6 +511,8 @@ def get_calibration_windows(
     if isinstance(dataset, str) and dataset == SELF_DATASET:
         if model is None:
             raise DecoupleQDataError("dataset='self' samples calibration text from the model: pass model=...")
+        if generation_batch_size is None:
+            generation_batch_size = _generation_batch_size(model, num_samples, seq_len)
         if generation_batch_size < 1 or top_k < 0 or not temperature > 0:
             raise DecoupleQConfigError(
                 f"self-sampling needs generation_batch_size >= 1, top_k >= 0 and temperature > 0; got "

@@ -198,10 +198,38 @@ def _eval_value(value: Any) -> str:
     return str(value)
 
 
+def _is_quality_record(value: Any) -> bool:
+    """A measured figure with its protocol (`hf_decoupleq.evaluation.perplexity_record`)."""
+    return isinstance(value, Mapping) and "metric" in value and "quantized" in value and "protocol" in value
+
+
+def _quality_lines(eval_results: Mapping[str, Any]) -> list[str]:
+    """The card's "Quality" section: one paragraph per quality record, with the numbers and how they were measured."""
+    lines = []
+    for value in eval_results.values():
+        if not _is_quality_record(value):
+            continue
+        metric = str(value["metric"]).capitalize()
+        quantized, original = value["quantized"], value.get("original")
+        text = f"{metric} on {_fmt(value.get('dataset', 'unnamed text'))}: **{_eval_value(quantized)}** quantized"
+        if original is not None:
+            text += f", {_eval_value(original)} for the original model"
+            if isinstance(quantized, (int, float)) and isinstance(original, (int, float)) and original > 0:
+                text += f" ({quantized / original:.2f}x)"
+        text += f". Protocol: {value['protocol']}."
+        if value.get("command"):
+            text += f" Measured by `{value['command']}`."
+        lines.append(text)
+    return lines
+
+
 def _eval_rows(eval_results: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """Flatten ``{"wikitext2 ppl": 9.5}``, ``{"wikitext2": {"ppl": 9.5, "fp16 ppl": 5.7}}`` or PerplexityResults."""
+    """Flatten ``{"wikitext2 ppl": 9.5}``, ``{"wikitext2": {"ppl": 9.5, "fp16 ppl": 5.7}}`` or PerplexityResults
+    (quality records go to the "Quality" section instead, see `_quality_lines`)."""
     rows = []
     for name, value in eval_results.items():
+        if _is_quality_record(value):
+            continue
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             value = dataclasses.asdict(value)
         if isinstance(value, Mapping):
@@ -253,7 +281,9 @@ def render_model_card(
         original_size_bytes (`int`, *optional*): size of the original checkpoint; with the quantized size, the
             compression ratio is shown.
         eval_results (`dict`, *optional*): measured numbers, e.g. ``{"WikiText-2 ppl (2048 tokens)": 9.49}``;
-            values may be numbers, dicts of numbers, or :class:`~hf_decoupleq.evaluation.PerplexityResult`.
+            values may be numbers, dicts of numbers, or :class:`~hf_decoupleq.evaluation.PerplexityResult` (an
+            "Evaluation" table), or records of :func:`~hf_decoupleq.evaluation.perplexity_record` (a "Quality"
+            section with the figures, the original model's and the protocol).
         repo_id (`str`, *optional*): Hub id of this checkpoint, used in the title and usage snippet.
 
     Returns:
@@ -312,6 +342,7 @@ def render_model_card(
         settings=_settings(flat),
         calibration=calibration,
         sizes=sizes,
+        quality=_quality_lines(eval_results or {}),
         eval_rows=_eval_rows(eval_results or {}),
         usage_code=_usage_code(repo_id),
     )

@@ -277,7 +277,9 @@ class DecoupleQLinearMethod(LinearMethodBase):
             layer.register_parameter(scale_name, param)
         if rotated:
             signs = HadamardSignsParameter(
-                torch.zeros(len(output_partition_sizes), k_part, dtype=torch.int8), layer, row_parallel
+                data=torch.zeros(len(output_partition_sizes), k_part, dtype=torch.int8),
+                layer=layer,
+                row_parallel=row_parallel,
             )
             layer.register_parameter("hadamard_signs", signs)
         else:
@@ -347,3 +349,11 @@ class DecoupleQLinearMethod(LinearMethodBase):
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], n_part)
+
+
+def layer_backends(model: torch.nn.Module) -> dict[str, str]:
+    """``{layer name: compute path}`` of a loaded vLLM model's decoupleQ layers ("triton", "int4" or "torch").
+
+    A diagnostic for ``vllm.LLM.apply_model(layer_backends)`` (which needs ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``).
+    """
+    return {name: m.dq_backend for name, m in model.named_modules() if hasattr(m, "dq_backend")}

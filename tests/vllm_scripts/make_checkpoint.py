@@ -31,9 +31,10 @@ def make_checkpoint(
     out: str, bits: int, group_size: int, dtype: str = "float32", quantized: bool = True, method: str = "decoupleq"
 ) -> None:
     """Write SmolLM2-135M (decoupleQ ``bits``/``group_size`` if ``quantized``, else full precision) to ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     import hf_decoupleq
     from hf_decoupleq import DecoupleQConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = smollm2_folder()
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)

@@ -14,8 +14,12 @@ Runs in the vLLM environment (``$HF_DECOUPLEQ_VLLM_PYTHON``), as its own process
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+
+# apply_model ships a function to the engine process.
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 
 def main(spec_path: str) -> None:
@@ -34,7 +38,9 @@ def main(spec_path: str) -> None:
     )
     result: dict = {"load_s": time.perf_counter() - t0}
     if spec.get("tensor_parallel_size", 1) == 1:
-        result["backends"] = sorted(set(llm.apply_model(_backends)[0]))
+        from hf_decoupleq.vllm.method import layer_backends
+
+        result["backends"] = sorted(set(llm.apply_model(layer_backends)[0].values()))
     if spec.get("prompts"):
         params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16), ignore_eos=True)
         t0 = time.perf_counter()
@@ -57,10 +63,6 @@ def main(spec_path: str) -> None:
         result["nll_sum"], result["n_predicted"] = nll, count
     with open(spec["out"], "w") as f:
         json.dump(result, f)
-
-
-def _backends(model) -> list[str]:
-    return [getattr(m, "dq_backend") for m in model.modules() if hasattr(m, "dq_backend")]
 
 
 if __name__ == "__main__":

