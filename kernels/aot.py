@@ -269,12 +269,18 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_jobs(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
-    """Compile ``jobs`` in a process pool (each compilation is single-threaded Python plus ptxas)."""
-    if workers <= 1:
-        return [compile_job(j) for j in jobs]
-    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(compile_job, jobs, chunksize=4))
+def run_jobs(jobs: list[Job], workers: int, sink: Any = None) -> list[dict[str, Any]]:
+    """Compile ``jobs`` in a process pool (each compilation is single-threaded Python plus ptxas); each record is
+    also written to ``sink`` (a text file) as one JSON line as soon as it is done."""
+    records = []
+    with concurrent.futures.ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        results = pool.map(compile_job, jobs, chunksize=2) if pool else map(compile_job, jobs)
+        for record in results:
+            records.append(record)
+            if sink is not None:
+                sink.write(json.dumps(record, sort_keys=True) + "\n")
+                sink.flush()
+    return records
 
 
 def _csv_ints(text: str) -> tuple[int, ...]:
@@ -311,15 +317,13 @@ def main(argv: list[str] | None = None) -> int:
         kernels = tuple(args.kernels.split(","))
         jobs = full_jobs(args.arch, args.bits, args.group_sizes, tuple(args.dtypes.split(",")), kernels)
     # A fresh cache by default: every job really compiles (and ptxas reports on it).
-    with tempfile.TemporaryDirectory(prefix="hf-decoupleq-aot-") as cache:
+    with tempfile.TemporaryDirectory(prefix="hf-decoupleq-aot-") as cache, contextlib.ExitStack() as stack:
         if args.cache_dir != "default":
             os.environ["TRITON_CACHE_DIR"] = args.cache_dir or cache
+        sink = stack.enter_context(open(args.json, "w")) if args.json else None
         start = time.perf_counter()
-        records = run_jobs(jobs, args.jobs)
+        records = run_jobs(jobs, args.jobs, sink)
         wall = time.perf_counter() - start
-    if args.json:
-        with open(args.json, "w") as f:
-            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
     summary = {**summarize(records), "wall_s": round(wall, 1), "jobs": args.jobs, **_versions()}
     text = json.dumps(summary, indent=1, sort_keys=True)
     if args.summary:

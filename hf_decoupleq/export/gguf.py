@@ -293,36 +293,43 @@ def _per_block(t: torch.Tensor, group: int, k: int) -> np.ndarray:
     return t.detach().float().T[:, idx].cpu().numpy()
 
 
-def _exact_bytes(layer: Any, qtype: str) -> tuple[np.ndarray | None, str]:
-    """The checkpoint's codes in ``qtype`` blocks, or ``(None, reason)`` if the type cannot hold them exactly."""
-    from ..packing import unpack
-
+def _exact_reason(layer: Any, qtype: str) -> str:
+    """Why ``qtype`` blocks cannot hold the layer's codes exactly, or ``""`` if they can (cheap: no unpacking)."""
     k, bits, g = layer.in_features, layer.bits, layer.effective_group_size
     if getattr(layer, "hadamard_signs", None) is not None:
-        return None, "rotated (incoherence processing)"
+        return "rotated (incoherence processing)"
     if k % 32 or g % 32:
-        return None, f"in_features {k} and group size {g} must be multiples of 32"
+        return f"in_features {k} and group size {g} must be multiples of 32"
     if qtype not in ("q4_0", "q4_1", "q8_0"):
-        return None, f"{qtype.upper()} does not hold a {bits}-bit g{g} checkpoint"
-    s = _per_block(layer.scales, g, k)
-    z = _per_block(layer.zeros, g, k)
-    codes = unpack(layer.qweight, bits, k).numpy().astype(np.int16)
-    mid = 1 << (bits - 1)
-    if qtype == "q4_1":
-        if bits > 4:
-            return None, f"Q4_1 holds at most 4-bit codes, this layer has {bits}"
-        return pack_q4_1(codes, s, z), ""
-    limit = 4 if qtype == "q4_0" else 8
+        return f"{qtype.upper()} does not hold a {bits}-bit g{g} checkpoint"
+    limit = 8 if qtype == "q8_0" else 4
     if bits > limit:
-        return None, f"{qtype.upper()} holds at most {limit}-bit codes, this layer has {bits}"
+        return f"{qtype.upper()} holds at most {limit}-bit codes, this layer has {bits}"
+    if qtype == "q4_1":
+        return ""
     # Symmetric: z = -2**(bits-1) s. Scaling by a power of two is exact in binary floating point, so a symmetric
     # checkpoint satisfies this to the stored precision; a free zero (asymmetric, or moved by the block-wise stage)
     # does not.
-    if not np.allclose(z, -mid * s, rtol=1e-3, atol=1e-12 + 1e-3 * float(np.abs(s).max())):
-        return None, f"zeros are not -{mid} * scales (not a symmetric checkpoint); {qtype.upper()} needs that"
+    mid = 1 << (bits - 1)
+    s, z = layer.scales.detach().double(), layer.zeros.detach().double()
+    if not torch.allclose(z, -mid * s, rtol=1e-3, atol=1e-12 + 1e-3 * float(s.abs().max())):
+        return f"zeros are not -{mid} * scales (not a symmetric checkpoint); {qtype.upper()} needs that"
+    return ""
+
+
+def _exact_bytes(layer: Any, qtype: str) -> np.ndarray:
+    """The layer's codes in ``qtype`` blocks (for a layer and type with an empty :func:`_exact_reason`)."""
+    from ..packing import unpack
+
+    k, bits, g = layer.in_features, layer.bits, layer.effective_group_size
+    s = _per_block(layer.scales, g, k)
+    codes = unpack(layer.qweight, bits, k).numpy().astype(np.int16)
+    mid = 1 << (bits - 1)
+    if qtype == "q4_1":
+        return pack_q4_1(codes, s, _per_block(layer.zeros, g, k))
     if qtype == "q4_0":
-        return pack_q4_0(codes + (8 - mid), s), ""
-    return pack_q8_0(codes - mid, s), ""
+        return pack_q4_0(codes + (8 - mid), s)
+    return pack_q8_0(codes - mid, s)
 
 
 def _requantize(w: np.ndarray, qtype: str) -> np.ndarray:
@@ -357,7 +364,7 @@ def _check_type(name: str, value: str, allowed: tuple[str, ...]) -> str:
 def _auto_type(layers: dict[str, Any]) -> str:
     """The exact type for a checkpoint's layers: Q4_0 for symmetric <= 4 bits, Q8_0 for symmetric 8 bits, else Q4_1."""
     for qtype in ("q4_0", "q8_0", "q4_1"):
-        if all(_exact_bytes(layer, qtype)[0] is not None for layer in layers.values()):
+        if not any(_exact_reason(layer, qtype) for layer in layers.values()):
             return qtype
     return "q4_1"
 
@@ -451,7 +458,7 @@ def export_gguf(
         return x
 
     # Plan every quantized layer first, so a refusal costs nothing and names every offending layer.
-    plans: dict[str, tuple[str, str, np.ndarray | None, str]] = {}
+    plans: dict[str, tuple[str, str, bool, str]] = {}
     refused: list[str] = []
     for lname, layer in layers.items():
         hf_name = f"{lname}.weight"
@@ -463,11 +470,11 @@ def export_gguf(
             note = f"K={layer.in_features} is not a multiple of 256: {qtype.upper()} -> {fallback.upper()}"
             logger.info("%s: %s (as llama-quantize does)", out_name, note)
             qtype = fallback
-        data, reason = _exact_bytes(layer, qtype)
-        if data is None:
+        reason = _exact_reason(layer, qtype)
+        if reason:
             refused.append(f"{lname} ({reason})")
             note = f"{note}; {reason}" if note else reason
-        plans[lname] = (out_name, qtype, data, note)
+        plans[lname] = (out_name, qtype, not reason, note)
     if refused and not lossy:
         shown = "; ".join(refused[:4]) + (f"; and {len(refused) - 4} more" if len(refused) > 4 else "")
         raise DecoupleQConfigError(
@@ -502,12 +509,12 @@ def export_gguf(
                 continue
             if leaf != "qweight":
                 continue  # scales, zeros, signs: inside the blocks
-            out_name, qtype, data, note = plans[owner]
+            out_name, qtype, exact, note = plans[owner]
             w_ref = layer.dequantize_weight().detach().float().cpu().numpy()
-            source = "exact"
-            if data is None:
-                data = _requantize(w_ref, qtype)
-                source = "requantized"
+            if exact:
+                data, source = _exact_bytes(layer, qtype), "exact"
+            else:
+                data, source = _requantize(w_ref, qtype), "requantized"
             w_file = _dequantize(data, qtype)
             e, r = float(((w_file - w_ref) ** 2).sum()), float((w_ref**2).sum())
             err_sq, ref_sq = err_sq + e, ref_sq + r

@@ -47,9 +47,7 @@ def row_split_problems(
     return per_rank, reasons
 
 
-def check_row_split(
-    layer_name: str, in_features: int, tp_size: int, bits: int, group_size: int, rotated: bool
-) -> int:
+def check_row_split(layer_name: str, in_features: int, tp_size: int, bits: int, group_size: int, rotated: bool) -> int:
     """Return ``K' = K / tp_size`` for a row-parallel layer, or raise `DecoupleQConfigError` naming the layer, ``K``,
     the group size, the bit width and the tensor-parallel degree when the split would cut a group, an int32 packing
     unit or a Hadamard block."""

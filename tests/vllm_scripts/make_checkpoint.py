@@ -60,7 +60,9 @@ def main() -> None:
     parser.add_argument("--method", default="decoupleq", help="decoupleq (default), gptq or rtn: same packed format")
     parser.add_argument("--full-precision", action="store_true", help="save the unquantized model")
     args = parser.parse_args()
-    make_checkpoint(args.out, args.bits, args.group_size, args.dtype, quantized=not args.full_precision, method=args.method)
+    make_checkpoint(
+        args.out, args.bits, args.group_size, args.dtype, quantized=not args.full_precision, method=args.method
+    )
 
 
 if __name__ == "__main__":
