@@ -368,10 +368,3 @@ class DecoupleQConfig(QuantizationConfigMixin):
             else:
                 new.__dict__[key] = copy.deepcopy(value, memo)
         return new
-
-
-# If this module was what imported transformers, the import hook could not register yet (this module was
-# half-initialized then); finish it now that DecoupleQConfig exists.
-from ._registration import ensure_registered as _ensure_registered
-
-_ensure_registered()

@@ -134,8 +134,7 @@ def test_activation_estimate_grows_with_the_model():
 
 @pytest.mark.parametrize(
     "bf16,free,expected",
-    [(True, 64 * GIB, (4, "bfloat16")), (False, 64 * GIB, (4, None)), (True, None, (1, "bfloat16")),
-     (False, None, (1, None))],
+    [(True, 64 * GIB, (4, "bfloat16")), (False, None, (1, None))],
 )  # fmt: skip
 def test_defaults_resolve_from_the_hardware_and_are_recorded(monkeypatch, bf16, free, expected):
     fake_hardware(monkeypatch, bf16=bf16, free=free)

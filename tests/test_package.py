@@ -51,3 +51,17 @@ def test_registration_when_the_config_is_what_imports_transformers():
             "print(AUTO_QUANTIZER_MAPPING['decoupleq'].__name__, AUTO_QUANTIZATION_CONFIG_MAPPING['decoupleq'].__name__)"
         )
         assert _run(code) == "DecoupleQHfQuantizer DecoupleQConfig", first
+
+
+def test_config_is_a_leaf_module():
+    # The config module imports neither the registration glue, the quantizer nor the pipeline; registration still
+    # completes once it has been imported (the import hook of hf_decoupleq._registration watches it).
+    code = (
+        "import sys, hf_decoupleq\n"
+        "import hf_decoupleq.config as c\n"
+        "import ast, inspect\n"
+        "tree = ast.parse(inspect.getsource(c))\n"
+        "own = sorted({n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level})\n"
+        "print(own, 'hf_decoupleq.pipeline' in sys.modules)"
+    )
+    assert _run(code) == "['errors', 'packing'] False"
