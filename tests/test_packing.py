@@ -42,7 +42,7 @@ def _layout_by_python_ints(codes: torch.Tensor, bits: int) -> list[list[int]]:
 
 
 def test_format_version_and_block_sizes():
-    assert FORMAT_VERSION == 2  # 2 added the incoherence signs; the bit layout below is that of version 1
+    assert FORMAT_VERSION == 3  # 2 added the incoherence signs, 3 shares them per input; the bit layout is v1
     assert [codes_per_block(b) for b in BITS] == [16, 32, 8, 4]
     assert [words_per_block(b) for b in BITS] == [1, 3, 1, 1]
     # bits per weight of whole blocks: exactly `bits` for every width (3-bit is dense).
