@@ -158,15 +158,8 @@ def replace_with_decoupleq_linear(
             for name, linear in find_linears(block, block_prefix, skip).items():
                 targets[block_prefix + name] = linear
     for name, linear in targets.items():
-        new = DecoupleQLinear(
-            linear.in_features,
-            linear.out_features,
-            bits=bits,
-            group_size=group_size,
-            bias=linear.bias is not None,
-            dtype=dtype or linear.weight.dtype,
-            device=linear.weight.device,
-            incoherence=incoherence and has_transform(linear.in_features),
+        new = DecoupleQLinear.empty_like(
+            linear, bits, group_size, dtype=dtype, incoherence=incoherence and has_transform(linear.in_features)
         )
         set_submodule(model, name, new)
     if not targets:

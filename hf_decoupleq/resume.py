@@ -159,16 +159,7 @@ class ResumeStore:
         rotated = {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".hadamard_signs")}
         for name, linear in find_linears(block).items():
             if name in packed_names:
-                new = DecoupleQLinear(
-                    linear.in_features,
-                    linear.out_features,
-                    bits=bits,
-                    group_size=group_size,
-                    bias=linear.bias is not None,
-                    dtype=linear.weight.dtype,
-                    device=linear.weight.device,
-                    incoherence=name in rotated,
-                )
+                new = DecoupleQLinear.empty_like(linear, bits, group_size, incoherence=name in rotated)
                 set_submodule(block, name, new)
         device = next(iter(block.state_dict().values())).device
         missing, unexpected = block.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False)

@@ -153,6 +153,22 @@ class DecoupleQLinear(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
+    def empty_like(
+        cls,
+        linear: nn.Linear,
+        bits: int,
+        group_size: int,
+        dtype: torch.dtype | None = None,
+        incoherence: bool = False,
+    ) -> DecoupleQLinear:
+        """An empty packed layer with ``linear``'s shape, bias, device and (unless given) dtype, ready to be loaded
+        (the one place a packed module is shaped after a dense one: reload, resume and :meth:`from_linear`)."""
+        return cls(
+            linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None,
+            dtype=dtype or linear.weight.dtype, device=linear.weight.device, incoherence=incoherence,
+        )  # fmt: skip
+
+    @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,
@@ -187,10 +203,7 @@ class DecoupleQLinear(nn.Module):
         device = linear.weight.device
         if hadamard_signs is not None:
             check_signs(hadamard_signs, k)
-        module = cls(
-            k, n_out, bits, group_size, bias=linear.bias is not None, dtype=dtype, device=device,
-            incoherence=hadamard_signs is not None,
-        )  # fmt: skip
+        module = cls.empty_like(linear, bits, group_size, dtype=dtype, incoherence=hadamard_signs is not None)
         with torch.no_grad():
             if hadamard_signs is not None:
                 module.hadamard_signs.copy_(hadamard_signs.to(device=device, dtype=torch.int8))
