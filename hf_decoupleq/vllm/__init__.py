@@ -1,7 +1,9 @@
 """Serve decoupleQ checkpoints with vLLM: the ``"decoupleq"`` quantization method as a vLLM plugin.
 
-Installing hf-decoupleq (``pip install "hf-decoupleq[vllm]"``) registers :func:`register` under vLLM's
-``vllm.general_plugins`` entry point, which vLLM calls in each of its processes. It registers
+Installing hf-decoupleq into vLLM's environment registers :func:`register` under vLLM's ``vllm.general_plugins``
+entry point, which vLLM calls in each of its processes. vLLM 0.32.0 pins transformers < 5.20, below this package's
+floor, so install it there with ``pip install --no-deps hf-decoupleq`` (vLLM brings everything the plugin imports;
+tested by CI); the ``[vllm]`` extra resolves only once the two pins overlap. It registers
 :class:`~hf_decoupleq.vllm.method.DecoupleQVllmConfig` with ``register_quantization_config("decoupleq")``, so that::
 
     vllm serve ./my-decoupleq-checkpoint          # or vllm.LLM(model="./my-decoupleq-checkpoint")
