@@ -20,6 +20,8 @@ BLOCKWISE_OPTIMIZERS = ("adam", "signsgd")
 DEFAULT_BLOCKWISE_LR = {"adam": 1e-5, "signsgd": 5e-3}
 
 # Fields that change the numbers a run produces. A resume directory written with different values is refused.
+# (The end-to-end stage's fields are not among them: it runs after the last block, on the blocks the resume
+# directory holds, so a run may resume with other e2e settings.)
 RESULT_FIELDS = (
     "bits",
     "group_size",
@@ -122,7 +124,14 @@ class DecoupleQConfig(QuantizationConfigMixin):
             `lr * |its initial value|`) or "adam" (the paper's block-wise stage). SignSGD for 1 epoch is the
             default because it measured better and faster than the paper's Adam (lr 1e-5, 2 epochs) on SmolLM2
             (README, "Measured results"); `blockwise_optimizer="adam", blockwise_epochs=4` is the paper's setting.
-        train_norms (`bool`, defaults to True): also train the block's norm weights in the block-wise stage.
+        train_norms (`bool`, defaults to True): also train the block's norm weights in the block-wise stage (and in
+            the end-to-end stage).
+        e2e_epochs (`float`, defaults to 0.0): passes over the calibration windows of the end-to-end stage, which
+            runs after every block is quantized and trains scales, zeros (and norms) of the whole model against
+            the full-precision model's next-token distribution (KL), codes frozen; fractions allowed, 0 turns it
+            off. Kept only if it lowers the KL on a few calibration windows (see `hf_decoupleq.e2e`).
+        e2e_lr (`float`, defaults to 2e-5): Adam step size of the end-to-end stage for scales and zeros (norm
+            weights use 5x this), with a 5% warm-up and cosine decay.
         num_samples (`int`, defaults to 128), seq_len (`int`, defaults to 2048): calibration windows.
         seed (`int`, defaults to 0): seeds window sampling and block-wise batch order.
         modules_to_not_convert (`list[str]`, *optional*): module names kept in full precision (default: `lm_head`
@@ -173,6 +182,8 @@ class DecoupleQConfig(QuantizationConfigMixin):
         blockwise_weight_decay: float = 0.0,
         blockwise_optimizer: str = "signsgd",
         train_norms: bool = True,
+        e2e_epochs: float = 0.0,
+        e2e_lr: float = 2e-5,
         num_samples: int = 128,
         seq_len: int = 2048,
         seed: int = 0,
@@ -211,6 +222,8 @@ class DecoupleQConfig(QuantizationConfigMixin):
         self.blockwise_weight_decay = blockwise_weight_decay
         self.blockwise_optimizer = blockwise_optimizer
         self.train_norms = train_norms
+        self.e2e_epochs = e2e_epochs
+        self.e2e_lr = e2e_lr
         self.num_samples = num_samples
         self.seq_len = seq_len
         self.seed = seed
@@ -267,6 +280,12 @@ class DecoupleQConfig(QuantizationConfigMixin):
         wd = self.blockwise_weight_decay
         if not isinstance(wd, (int, float)) or isinstance(wd, bool) or wd < 0:
             fail("blockwise_weight_decay", "use a float >= 0")
+        epochs = self.e2e_epochs
+        if not isinstance(epochs, (int, float)) or isinstance(epochs, bool) or not 0 <= epochs < float("inf"):
+            fail("e2e_epochs", "use a number >= 0 (0 turns the end-to-end stage off)")
+        lr = self.e2e_lr
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < float("inf"):
+            fail("e2e_lr", "use a positive float, e.g. 2e-5")
         for field in ("num_samples", "seq_len"):
             if not is_int(getattr(self, field)) or getattr(self, field) < 1:
                 fail(field, "use a positive integer")

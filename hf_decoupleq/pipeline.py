@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from . import hardware
 from .config import AUTO, DecoupleQConfig
+from .e2e import Teacher, capture_teacher, end_to_end_supported, train_end_to_end
 from .errors import DecoupleQError, DecoupleQNumericalError, UnsupportedModelError
 from .hadamard import has_transform, random_signs, transform_hessian, transform_weight
 from .integration import check_quantizable, find_decoder_blocks, find_linears, set_submodule
@@ -828,6 +829,7 @@ def quantize_model(model: nn.Module, config: DecoupleQConfig, tokenizer: Any = N
             inputs = capture_block_inputs(model, blocks, windows, batch_size)
         for h in inputs.hidden:
             _check_finite(h, "the calibration activations entering the first decoder block")
+        teacher = _end_to_end_teacher(model, windows, config, batch_size, compute_dtype)
         bar = tqdm(range(len(blocks)), desc="decoupleQ", unit="block")
         for index in bar:
             block = blocks[index]
@@ -858,6 +860,13 @@ def quantize_model(model: nn.Module, config: DecoupleQConfig, tokenizer: Any = N
             _place_back(block, home, device, offloaded)
             if "layerwise_loss" in stats:
                 bar.set_postfix(loss=f"{stats['layerwise_loss']:.4g}")
+        e2e_stats = None
+        if teacher is not None:
+            e2e_stats = train_end_to_end(
+                model, windows, teacher, epochs=config.e2e_epochs, lr=config.e2e_lr, norm_lr=5 * config.e2e_lr,
+                train_norms=config.train_norms, compute_dtype=compute_dtype, device=_input_device(model),
+                seed=config.seed,
+            )
     finally:
         model.train(was_training)
     summary = {
@@ -872,10 +881,33 @@ def quantize_model(model: nn.Module, config: DecoupleQConfig, tokenizer: Any = N
         "calibration_dtype": resolved["calibration_dtype"],
         "base_model": str(getattr(model, "name_or_path", "") or "") or None,
     }
+    if e2e_stats is not None:
+        summary["e2e"] = e2e_stats
     config.quantization_stats = summary
     # The reload rebuilds exactly these (a linear the calibration never reached stays dense, and loads dense).
     config.packed_modules = [name for name, m in model.named_modules() if isinstance(m, DecoupleQLinear)]
     return summary
+
+
+def _end_to_end_teacher(
+    model: nn.Module, windows: torch.Tensor, config: DecoupleQConfig, batch_size: int,
+    compute_dtype: torch.dtype | None,
+) -> Teacher | None:
+    """The full-precision model's outputs for the end-to-end stage, captured before any block changes; None when
+    the stage is off or cannot run on this model (the log says why)."""
+    if config.e2e_epochs <= 0:
+        return None
+    reason = end_to_end_supported(model)
+    if reason is not None:
+        logger.warning("end-to-end stage skipped: %s", reason)
+        return None
+    t0 = time.perf_counter()
+    teacher = capture_teacher(
+        model, windows, batch_size=batch_size, compute_dtype=compute_dtype, device=_input_device(model)
+    )
+    logger.info("end-to-end stage: full-precision outputs of %d windows captured in %.1f s", len(windows),
+                time.perf_counter() - t0)  # fmt: skip
+    return teacher
 
 
 def _state_bytes(model: nn.Module) -> int:

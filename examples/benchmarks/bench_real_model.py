@@ -161,6 +161,8 @@ def run_protocol(args: argparse.Namespace, method: str, calib_sha256: str | None
         )
     if method in DECOUPLEQ_METHODS:
         proto.update(batch_size=args.batch_size, calibration_dtype=args.calibration_dtype)
+        if args.extra_config:
+            proto["extra_config"] = args.extra_config
     if DECOUPLEQ_METHODS.get(method, {}).get("blockwise"):
         proto["blockwise_epochs"] = DECOUPLEQ_METHODS[method].get("blockwise_epochs", args.blockwise_epochs)
     if method == "autoround":
@@ -230,7 +232,7 @@ def quantize_decoupleq(model, tokenizer, windows, setting: Setting, method: str,
         batch_size=args.batch_size,
         calibration_dtype=None if args.calibration_dtype == "model" else args.calibration_dtype,
         device=args.device,
-        **{"blockwise_epochs": args.blockwise_epochs, **DECOUPLEQ_METHODS[method]},
+        **{"blockwise_epochs": args.blockwise_epochs, **DECOUPLEQ_METHODS[method], **(args.extra_config or {})},
     )
     t0 = time.perf_counter()
     quantize(model, cfg, tokenizer=tokenizer)
@@ -424,6 +426,12 @@ def worker(args: argparse.Namespace) -> None:
     if ar is not None:
         # Packing replaces the layers in place, so it comes after the evaluation of the fake-quantized model.
         record.update(autoround_packed_stats(ar, model, setting))
+    if args.save_models is not None and method in DECOUPLEQ_METHODS:
+        # Kept for later checks (vLLM, GGUF export); the record does not depend on it.
+        save_dir = Path(args.save_models) / f"{method}_{setting_name}"
+        model.save_pretrained(save_dir)
+        tokenizer.save_pretrained(save_dir)
+        record["saved_to"] = str(save_dir)
     record["peak_rss_mib"] = _common.peak_rss_mib()
     record["torch_threads"] = torch.get_num_threads()
     with open(args.record, "w", encoding="utf-8") as f:
@@ -516,6 +524,10 @@ def run_worker_process(args: argparse.Namespace, key: str, record_path: Path, lo
         cmd += ["--device", args.device]
     if args.verbose:
         cmd.append("--verbose")
+    if args.extra_config:
+        cmd += ["--extra-config", json.dumps(args.extra_config)]
+    if args.save_models is not None:
+        cmd += ["--save-models", str(args.save_models)]
     tail = b""
     timed_out = threading.Event()
     with open(log_path, "wb") as log:
@@ -856,6 +868,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--autoround-sym",
         action="store_true",
         help="symmetric AutoRound (default: asymmetric, like the decoupleQ-family runs)",
+    )
+    p.add_argument(
+        "--extra-config",
+        type=json.loads,
+        default=None,
+        help="JSON object of DecoupleQConfig arguments added to every decoupleQ-family run (ablations), "
+        'e.g. \'{"e2e_steps": 0}\'; recorded in each run\'s library_config',
+    )
+    p.add_argument(
+        "--save-models",
+        type=Path,
+        default=None,
+        help="also save each decoupleQ-family model (save_pretrained + tokenizer) under this folder",
     )
     p.add_argument("--calib-data", type=Path, default=_common.DEFAULT_CALIB_PATH, help="calibration text file")
     p.add_argument("--eval-data", type=Path, default=_common.DEFAULT_EVAL_PATH, help="evaluation text file")

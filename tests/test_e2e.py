@@ -1,0 +1,127 @@
+"""The end-to-end stage (hf_decoupleq.e2e): loss against a float64 reference, frozen codes, keep-or-revert."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from conftest import build_tiny_model, small_config
+from hf_decoupleq import DecoupleQLinear, quantize
+from hf_decoupleq.e2e import _kl, _parts, capture_teacher, end_to_end_supported, train_end_to_end
+
+CPU = torch.device("cpu")
+
+
+def _windows(n=6, t=24, vocab=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, t), generator=g)
+
+
+def _quantized_pair(**overrides):
+    fp = build_tiny_model("llama")
+    q = copy.deepcopy(fp)
+    cfg = small_config(dataset=_windows(8, 32), method="rtn", blockwise=False, **overrides)
+    quantize(q, cfg)
+    return fp, q
+
+
+def _state(model):
+    return {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+def _kl64(fp, q, windows) -> float:
+    """Mean per-token KL(fp || q) of the models' full logits, in float64 (the independent reference)."""
+    with torch.no_grad():
+        lt = fp(windows).logits.double()
+        ls = q(windows).logits.double()
+    p = F.log_softmax(lt, -1)
+    return float((p.exp() * (p - F.log_softmax(ls, -1))).sum(-1).mean())
+
+
+def test_loss_matches_float64_kl_of_the_logits():
+    fp, q = _quantized_pair()
+    windows = _windows()
+    teacher = capture_teacher(fp, windows, batch_size=4, compute_dtype=None, device=CPU)
+    assert [h.shape[0] for h in teacher.hidden] == [4, 2]
+    decoder, head = _parts(q)
+    with torch.no_grad():
+        ours = float(_kl(decoder(input_ids=windows, use_cache=False).last_hidden_state,
+                         torch.cat(teacher.hidden), head, chunk=7))
+    ref = _kl64(fp, q, windows)
+    assert ref > 1e-4
+    assert abs(ours - ref) <= 1e-4 * ref + 1e-7
+
+
+def test_training_lowers_kl_keeps_codes_and_format():
+    fp, q = _quantized_pair()
+    windows = _windows(8, 32)
+    before_state = _state(q)
+    dtypes = {n: t.dtype for n, t in q.state_dict().items()}
+    kl_before = _kl64(fp, q, windows)
+    teacher = capture_teacher(fp, windows, batch_size=4, compute_dtype=None, device=CPU)
+    stats = train_end_to_end(
+        q, windows, teacher, epochs=6, lr=3e-4, norm_lr=3e-4, train_norms=True, compute_dtype=None, device=CPU,
+        seed=0, check_windows=8,
+    )
+    assert stats["kept"] and stats["kl_after"] < stats["kl_before"]
+    kl_after = _kl64(fp, q, windows)
+    assert kl_after < 0.9 * kl_before
+    after_state = q.state_dict()
+    assert set(after_state) == set(before_state)  # same tensors: the packed format is unchanged
+    for name, t in after_state.items():
+        assert t.dtype == dtypes[name], name
+        if name.endswith(("qweight", "hadamard_signs")):
+            assert torch.equal(t, before_state[name]), name
+    assert any(not torch.equal(after_state[n], before_state[n]) for n in after_state if n.endswith("scales"))
+    for m in q.modules():
+        if isinstance(m, DecoupleQLinear):
+            assert "scales" in m._buffers and "zeros" in m._buffers
+    assert all(p.requires_grad for p in q.parameters())  # the flags from before the stage (all True here)
+
+
+def test_worse_result_is_reverted():
+    fp, q = _quantized_pair()
+    windows = _windows(8, 32)
+    before = _state(q)
+    teacher = capture_teacher(fp, windows, batch_size=8, compute_dtype=None, device=CPU)
+    stats = train_end_to_end(  # a step size that wrecks the scales
+        q, windows, teacher, epochs=1, lr=10.0, norm_lr=10.0, train_norms=True, compute_dtype=None, device=CPU,
+        seed=0, check_windows=8,
+    )
+    assert not stats["kept"]
+    after = q.state_dict()
+    for name, t in before.items():
+        assert torch.equal(after[name], t), name
+
+
+def test_unsupported_models_say_why():
+    fp, q = _quantized_pair()
+    assert end_to_end_supported(q) is None
+    assert "decoder" in end_to_end_supported(q.model)
+
+
+def test_pipeline_runs_the_stage_and_the_result_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    fp = build_tiny_model("llama")
+    windows = _windows(8, 32)
+    off = copy.deepcopy(fp)
+    quantize(off, small_config(dataset=windows, num_samples=8, e2e_epochs=0))
+    on = copy.deepcopy(fp)
+    cfg = small_config(dataset=windows, num_samples=8, e2e_epochs=4, e2e_lr=3e-4)
+    quantize(on, cfg)
+    stats = cfg.quantization_stats["e2e"]
+    assert stats["steps"] == 32 and stats["kl_after"] < stats["kl_before"] and stats["kept"]
+    assert "e2e" not in off.config.quantization_config.quantization_stats
+    # The stage starts from exactly the model the pipeline produces without it: its "before" KL is that model's.
+    assert abs(stats["kl_before"] - _kl64(fp, off, windows)) <= 1e-4 * stats["kl_before"]
+    assert _kl64(fp, on, windows) < _kl64(fp, off, windows)
+    for name, t in on.state_dict().items():
+        if name.endswith("qweight"):
+            assert torch.equal(t, off.state_dict()[name]), name
+    on.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(windows).logits, on(windows).logits)
