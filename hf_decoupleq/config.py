@@ -126,11 +126,11 @@ class DecoupleQConfig(QuantizationConfigMixin):
             (README, "Measured results"); `blockwise_optimizer="adam", blockwise_epochs=4` is the paper's setting.
         train_norms (`bool`, defaults to True): also train the block's norm weights in the block-wise stage (and in
             the end-to-end stage).
-        e2e_epochs (`float`, defaults to 0.0): passes over the calibration windows of the end-to-end stage, which
+        e2e_epochs (`float`, defaults to 1.0): passes over the calibration windows of the end-to-end stage, which
             runs after every block is quantized and trains scales, zeros (and norms) of the whole model against
             the full-precision model's next-token distribution (KL), codes frozen; fractions allowed, 0 turns it
             off. Kept only if it lowers the KL on a few calibration windows (see `hf_decoupleq.e2e`).
-        e2e_lr (`float`, defaults to 2e-5): Adam step size of the end-to-end stage for scales and zeros (norm
+        e2e_lr (`float`, defaults to 3e-4): Adam step size of the end-to-end stage for scales and zeros (norm
             weights use 5x this), with a 5% warm-up and cosine decay.
         num_samples (`int`, defaults to 128), seq_len (`int`, defaults to 2048): calibration windows.
         seed (`int`, defaults to 0): seeds window sampling and block-wise batch order.
@@ -182,8 +182,8 @@ class DecoupleQConfig(QuantizationConfigMixin):
         blockwise_weight_decay: float = 0.0,
         blockwise_optimizer: str = "signsgd",
         train_norms: bool = True,
-        e2e_epochs: float = 0.0,
-        e2e_lr: float = 2e-5,
+        e2e_epochs: float = 1.0,
+        e2e_lr: float = 3e-4,
         num_samples: int = 128,
         seq_len: int = 2048,
         seed: int = 0,
@@ -285,7 +285,7 @@ class DecoupleQConfig(QuantizationConfigMixin):
             fail("e2e_epochs", "use a number >= 0 (0 turns the end-to-end stage off)")
         lr = self.e2e_lr
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < float("inf"):
-            fail("e2e_lr", "use a positive float, e.g. 2e-5")
+            fail("e2e_lr", "use a positive float, e.g. 3e-4")
         for field in ("num_samples", "seq_len"):
             if not is_int(getattr(self, field)) or getattr(self, field) < 1:
                 fail(field, "use a positive integer")

@@ -227,6 +227,10 @@ def train_end_to_end(
     """
     t0 = time.perf_counter()
     decoder, head = _parts(model)
+    if compute_dtype is None:
+        # A half-precision model trains float32 copies of its float parts under autocast to its own dtype.
+        dtype = next(iter(head.parameters())).dtype
+        compute_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else None
     pairs = _window_batches(teacher, windows)
     stride = max(len(pairs) // max(check_windows, 1), 1)
     check = pairs[::stride][:check_windows]
@@ -234,7 +238,7 @@ def train_end_to_end(
     model.eval()  # no dropout; gradients still flow
     before = _mean_loss(decoder, head, check, device, compute_dtype)
     trainable = _Trainable(model, train_norms)
-    total = max(int(round(epochs * len(pairs))), 1)
+    total = max(round(epochs * len(pairs)), 1)
     warmup = max(total // 20, 1)
     groups = [{"params": trainable.quant_params, "lr": lr}]
     if trainable.norms:

@@ -276,6 +276,8 @@ NON_DEFAULT = {
     "blockwise_lr": ("3e-4", 3e-4),
     "blockwise_weight_decay": ("0.1", 0.1),
     "blockwise_optimizer": ("adam", "adam"),
+    "e2e_epochs": ("0.5", 0.5),
+    "e2e_lr": ("1e-3", 1e-3),
     "num_samples": ("7", 7),
     "seq_len": ("99", 99),
     "seed": ("11", 11),

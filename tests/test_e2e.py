@@ -6,8 +6,8 @@ import copy
 
 import torch
 import torch.nn.functional as F
-
 from conftest import build_tiny_model, small_config
+
 from hf_decoupleq import DecoupleQLinear, quantize
 from hf_decoupleq.e2e import _kl, _parts, capture_teacher, end_to_end_supported, train_end_to_end
 
@@ -97,7 +97,7 @@ def test_worse_result_is_reverted():
 
 
 def test_unsupported_models_say_why():
-    fp, q = _quantized_pair()
+    _, q = _quantized_pair()
     assert end_to_end_supported(q) is None
     assert "decoder" in end_to_end_supported(q.model)
 

@@ -28,7 +28,6 @@ import urllib.request
 
 import pytest
 import torch
-from conftest import WIKI_TEST
 
 from hf_decoupleq.errors import DecoupleQConfigError
 from hf_decoupleq.hadamard import block_size, random_signs, transform_input
@@ -111,36 +110,16 @@ def _require_vllm() -> str:
     return VLLM_PYTHON
 
 
-def _vllm_env(tp: int = 1) -> dict:
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("TRITON_INTERPRET", None)
-    if tp > 1:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
-    return env
-
-
-def _run_vllm(tmp_path: pathlib.Path, name: str, spec: dict) -> tuple[dict | None, str]:
-    """Run run_vllm.py on ``spec`` in the vLLM python; returns (its JSON or None, its log)."""
-    python = _require_vllm()
-    out = tmp_path / f"{name}.json"
-    spec_path = tmp_path / f"{name}.spec.json"
-    spec_path.write_text(json.dumps({**spec, "out": str(out)}))
-    proc = subprocess.run(
-        [python, str(SCRIPTS / "run_vllm.py"), str(spec_path)], env=_vllm_env(spec.get("tensor_parallel_size", 1)),
-        capture_output=True, text=True, timeout=ENGINE_TIMEOUT, check=False,
-    )  # fmt: skip
-    log = proc.stdout + proc.stderr
-    # run_vllm.py renames its JSON into place only after every result is in it; vllm-cpu 0.32.0 sometimes crashes in
-    # its own teardown after that ("terminate called without an active exception"), so the file, not the exit
-    # code, says whether the run succeeded.
-    return (json.loads(out.read_text()) if out.exists() else None), log
-
-
 def _load_script(name: str):
     spec = importlib.util.spec_from_file_location(f"vllm_scripts_{name}", SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _run_vllm(tmp_path: pathlib.Path, name: str, spec: dict) -> tuple[dict | None, str]:
+    """Run run_vllm.py on ``spec`` in the vLLM python; returns (its JSON or None, its log)."""
+    return _load_script("compare").run_vllm(_require_vllm(), tmp_path, name, spec, ENGINE_TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -162,47 +141,8 @@ def ckpts(tmp_path_factory):
     return paths
 
 
-def _prompts(tokenizer, n: int = 4, length: int = 16) -> list[list[int]]:
-    ids = tokenizer(WIKI_TEST.read_text(encoding="utf-8")[:20000])["input_ids"]
-    return [ids[1000 * i + 7 : 1000 * i + 7 + length] for i in range(n)]
-
-
-def _hf_reference(path, dtype: torch.dtype, prompts, max_tokens: int, ppl_windows: int = 0):
-    """transformers' greedy tokens (and, optionally, perplexity over ``ppl_windows`` windows of 1024 WikiText-2 test
-    tokens, with the window token ids) on a saved checkpoint."""
-    from transformers import AutoModelForCausalLM
-
-    from hf_decoupleq.evaluation import perplexity
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    tokens = []
-    with torch.inference_mode():
-        for ids in prompts:
-            out = model.generate(
-                torch.tensor([ids]), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-                pad_token_id=0,
-            )  # fmt: skip
-            tokens.append(out[0, len(ids) :].tolist())
-    if not ppl_windows:
-        return tokens, None, None
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    text = WIKI_TEST.read_text(encoding="utf-8")
-    result = perplexity(model, tok, text, seq_len=1024, max_windows=ppl_windows, progress=False)
-    ids = tok(text, return_tensors="pt", verbose=False)["input_ids"][0][: ppl_windows * 1024]
-    return tokens, result.ppl, ids.view(ppl_windows, 1024).tolist()
-
-
-def _agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, int, list[int]]:
-    """(tokens equal before the first difference, summed over prompts; total tokens; per-prompt common prefix)."""
-    prefixes = []
-    for x, y in zip(a, b):
-        n = 0
-        while n < min(len(x), len(y)) and x[n] == y[n]:
-            n += 1
-        prefixes.append(n)
-    return sum(prefixes), sum(len(x) for x in a), prefixes
+_compare = _load_script("compare")
+_prompts, _hf_reference, _agreement = _compare.prompts, _compare.hf_reference, _compare.agreement
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +242,7 @@ def test_vllm_serve_answers_a_completion_request(ckpts, w4_reference, tmp_path):
         server = subprocess.Popen(
             [*vllm_cli, "serve", str(path), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
              "--max-model-len", "256", "--enforce-eager"],
-            env=_vllm_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=_compare.vllm_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + ENGINE_TIMEOUT

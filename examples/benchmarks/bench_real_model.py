@@ -55,7 +55,7 @@ logger = logging.getLogger("bench_real_model")
 # Cheapest first, so a run that is cut off has finished as many methods as possible.
 METHODS = (
     "fp32", "rtn", "gptq", "decoupleq-layerwise", "decoupleq-layerwise-incoherent", "decoupleq", "decoupleq-signsgd",
-    "decoupleq-incoherent", "autoround",
+    "decoupleq-incoherent", "decoupleq-e2e", "autoround",
 )
 METHOD_LABELS = {
     "fp32": "fp32",
@@ -66,6 +66,7 @@ METHOD_LABELS = {
     "decoupleq": "decoupleQ (full, paper's Adam)",
     "decoupleq-signsgd": "decoupleQ (full, SignSGD block-wise)",
     "decoupleq-incoherent": "decoupleQ (full, incoherence)",
+    "decoupleq-e2e": "decoupleQ (full, incoherence, end-to-end stage)",
     "autoround": "AutoRound",
 }
 # Arguments of DecoupleQConfig per method (the baselines come from the same machinery). Every entry states
@@ -87,7 +88,13 @@ DECOUPLEQ_METHODS = {
     },
     "decoupleq-incoherent": {
         "method": "decoupleq", "blockwise": True, "blockwise_optimizer": "signsgd", "blockwise_epochs": 1,
-        "incoherence": True,
+        "incoherence": True, "e2e_epochs": 0,
+    },
+    # The end-to-end stage after the block-wise stage (issue 22): scales, zeros and norms against the full-precision
+    # model's next-token distribution, codes frozen.
+    "decoupleq-e2e": {
+        "method": "decoupleq", "blockwise": True, "blockwise_optimizer": "signsgd", "blockwise_epochs": 1,
+        "incoherence": True, "e2e_epochs": 1.0,
     },
 }
 DEFAULT_CONFIGS = "w2g64,w3g128,w4g128"
@@ -151,6 +158,8 @@ def run_protocol(args: argparse.Namespace, method: str, calib_sha256: str | None
         "eval_windows": args.eval_windows,
         "eval_seq_len": EVAL_SEQ_LEN,
     }
+    if args.eval_offset:
+        proto["eval_offset_windows"] = args.eval_offset
     if method != "fp32":
         proto.update(
             calib_data=os.path.basename(args.calib_data),
@@ -418,7 +427,14 @@ def worker(args: argparse.Namespace) -> None:
     logger.info("%s: quantized in %.1f s", args.worker_run, record["quant_s"])
 
     t0 = time.perf_counter()
-    result = perplexity(model, tokenizer, args.eval_data, seq_len=EVAL_SEQ_LEN, max_windows=args.eval_windows)
+    eval_input = args.eval_data
+    if args.eval_offset:
+        # Another protocol: the windows after the first --eval-offset ones (same text, same window length).
+        from hf_decoupleq.evaluation import load_eval_text
+
+        ids = tokenizer(load_eval_text(str(args.eval_data)), return_tensors="pt", verbose=False)["input_ids"][0]
+        eval_input = ids[args.eval_offset * EVAL_SEQ_LEN :]
+    result = perplexity(model, tokenizer, eval_input, seq_len=EVAL_SEQ_LEN, max_windows=args.eval_windows)
     record.update(ppl=result.ppl, nll=result.nll, eval_tokens=result.n_tokens, eval_windows_scored=result.n_windows)
     record["eval_s"] = time.perf_counter() - t0
     logger.info("%s: perplexity %.4f", args.worker_run, result.ppl)
@@ -505,6 +521,7 @@ def run_worker_process(args: argparse.Namespace, key: str, record_path: Path, lo
         "--calib-data", str(args.calib_data),
         "--eval-data", str(args.eval_data),
         "--eval-windows", str(args.eval_windows),
+        "--eval-offset", str(args.eval_offset),
         "--num-samples", str(args.num_samples),
         "--calib-seq-len", str(args.calib_seq_len),
         "--seed", str(args.seed),
@@ -838,6 +855,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated subset of {','.join(METHODS)} (default: all)",
     )
     p.add_argument("--eval-windows", type=int, default=40, help="WikiText-2 test windows of 2048 tokens (default 40)")
+    p.add_argument(
+        "--eval-offset",
+        type=int,
+        default=0,
+        help="skip this many evaluation windows first (a second protocol on other windows; default 0)",
+    )
     p.add_argument(
         "--batch-size",
         type=lambda s: s if s == "auto" else int(s),
