@@ -101,6 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default: 256)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--blockwise-epochs", type=int, default=1)
+    p.add_argument("--e2e-epochs", type=float, default=1.0, help="end-to-end stage epochs, 0 = off (default: 1)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--seed", type=int, default=0, help="calibration seed; held-out text uses seed + 1 (default: 0)")
@@ -161,10 +162,12 @@ def main(argv=None) -> int:
         seed=args.seed,
         rounds=args.rounds,
         blockwise_epochs=args.blockwise_epochs,
+        e2e_epochs=args.e2e_epochs,
     )
     print(
         f"quantizing to W{args.bits} g{args.group_size}: {args.num_samples} self-sampled windows of {args.seq_len} "
-        f"tokens, {args.rounds} rounds, {args.blockwise_epochs} block-wise epoch(s) ..."
+        f"tokens, {args.rounds} rounds, {args.blockwise_epochs} block-wise epoch(s), {args.e2e_epochs:g} end-to-end "
+        "epoch(s) ..."
     )
     t1 = time.perf_counter()
     hf_decoupleq.quantize(model, config, tokenizer=tokenizer)
