@@ -64,6 +64,23 @@ def small_config(**overrides):
     return DecoupleQConfig(**{**base, **overrides})
 
 
+def assert_reloads_identically(quantized, path, test_ids) -> set[str]:
+    """Save `quantized` to `path` and reload it: nothing missing or unexpected, the same packed modules, and exactly
+    the same logits on `test_ids`. Returns the names of the packed modules."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_decoupleq import DecoupleQLinear
+
+    packed = {n for n, m in quantized.named_modules() if isinstance(m, DecoupleQLinear)}
+    quantized.save_pretrained(path)
+    reloaded, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not any(info.values()), info
+    assert {n for n, m in reloaded.named_modules() if isinstance(m, DecoupleQLinear)} == packed
+    with torch.no_grad():
+        assert torch.equal(quantized(test_ids).logits, reloaded(test_ids).logits)
+    return packed
+
+
 def build_tiny_tokenizer(text: str, vocab_size: int = 128):
     """A word-level tokenizer trained offline on `text` (no Hub access needed)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import build_tiny_model, small_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -177,3 +177,28 @@ def test_device_map_onto_missing_device_is_refused(quantized_llama, tmp_path):
     quantized_llama.save_pretrained(tmp_path)
     with pytest.raises(DecoupleQConfigError, match="CUDA"):
         AutoModelForCausalLM.from_pretrained(tmp_path, device_map={"": "cuda:0"})
+
+
+def test_modules_to_not_convert_matches_as_transformers_does_regex_included():
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from hf_decoupleq.integration import _is_skipped, find_linears
+
+    model = build_tiny_model("llama")
+    _, blocks = find_decoder_blocks(model)
+    # transformers' semantics: a regex up to a module boundary, a prefix at a boundary, a suffix.
+    regex = r"model\.layers\.\d+\.self_attn\.(q|k)_proj"
+    assert sorted(find_linears(blocks[0], "model.layers.0.", [regex])) == [
+        "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.o_proj", "self_attn.v_proj"
+    ]
+    assert find_linears(blocks[1], "model.layers.1.", ["model.layers.1"]) == {}
+    assert len(find_linears(blocks[1], "model.layers.1.", ["model.layers.1.mlp.gate"])) == 7  # not gate_proj
+    names = [f"model.layers.{i}.{n}" for i, b in enumerate(blocks) for n in find_linears(b)]
+    for pattern in (regex, r"model\.layers\.1\..*", "down_proj", "model.layers.1"):
+        assert [n for n in names if _is_skipped(n, [pattern])] == [
+            n for n in names if not should_convert_module(n, [pattern])
+        ], pattern
+    # Whole components anywhere in the name also match, as they always did (transformers' helper does not).
+    assert _is_skipped("model.layers.0.mlp.experts.0.w1", ["experts"])
+    assert _is_skipped("model.layers.1.mlp.down_proj", ["layers.1"])
+    assert not _is_skipped("model.layers.0.mlp.gate_proj", ["mlp.gate"])
