@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_model, small_config
+from conftest import assert_same_predictions, build_tiny_model, small_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -58,13 +58,7 @@ def test_quantize_save_reload_generate(arch, tiny_checkpoint, tiny_tokenizer, tm
     for key, tensor in saved.items():
         assert torch.equal(state[key], tensor), key
     assert set(packed_modules(reloaded)) == set(packed)
-
-    ids = tiny_tokenizer("the game was released in", return_tensors="pt").input_ids
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, reloaded(ids).logits)
-    gen_a = model.generate(ids, max_new_tokens=8, do_sample=False)
-    gen_b = reloaded.generate(ids, max_new_tokens=8, do_sample=False)
-    assert torch.equal(gen_a, gen_b)
+    assert_same_predictions(model, reloaded, tiny_tokenizer)
 
 
 def test_packed_model_computes_what_the_dequantized_weights_compute(quantized_llama, tiny_tokenizer):
@@ -141,20 +135,22 @@ def test_sharded_save_reloads(quantized_llama, tmp_path):
         assert torch.equal(quantized_llama(ids).logits, reloaded(ids).logits)
 
 
+def _save_with_quantization_config(model, path, **changes):
+    """Save `model` to `path`, then change fields of the saved config.json's quantization_config."""
+    model.save_pretrained(path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"].update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
 def test_checkpoint_shapes_must_match_config(quantized_llama, tmp_path):
-    quantized_llama.save_pretrained(tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["quantization_config"]["group_size"] = 32
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    _save_with_quantization_config(quantized_llama, tmp_path, group_size=32)
     with pytest.raises(DecoupleQCheckpointError, match="scales"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
 def test_newer_format_version_is_refused(quantized_llama, tmp_path):
-    quantized_llama.save_pretrained(tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["quantization_config"]["format_version"] = 99
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    _save_with_quantization_config(quantized_llama, tmp_path, format_version=99)
     with pytest.raises(DecoupleQConfigError, match="format_version=99"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
