@@ -156,6 +156,25 @@ def _load_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype to load the weights in (default: auto)")
 
 
+# The MODEL argument of the commands that run a model (metavar, help).
+_ANY_MODEL = ("DIR", "a saved (quantized or not) model folder, a Hub id, or a .gguf file")
+
+
+def _command(sub: Any, name: str, help: str, description: str, *, model: tuple[str, str]) -> argparse.ArgumentParser:
+    """A sub-command whose first argument is the model (`model`: its metavar and help)."""
+    parser = sub.add_parser(name, help=help, description=description)
+    parser.add_argument("model", metavar=model[0], help=model[1])
+    return parser
+
+
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the commands that run a model: device, tokenizer, load dtype, and the common ones."""
+    parser.add_argument("--device", help="device to run on (default: cuda if available, else cpu)")
+    parser.add_argument("--tokenizer", help="tokenizer Hub id or folder (default: the model's)")
+    _load_options(parser)
+    _common_options(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``decoupleq`` argument parser (commands ``quantize``, ``eval``, ``generate``, ``export``)."""
     parser = _Parser(prog=PROG, description="decoupleQ 2/3/4-bit weight quantization for Hugging Face transformers.")
@@ -163,14 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    q = sub.add_parser(
+    q = _command(
+        sub,
         "quantize",
-        help="quantize a model and save it (packed weights, tokenizer, model card)",
-        description="Quantize MODEL with decoupleQ and save it to --output: packed safetensors, config.json, the "
+        "quantize a model and save it (packed weights, tokenizer, model card)",
+        "Quantize MODEL with decoupleQ and save it to --output: packed safetensors, config.json, the "
         "tokenizer and a README.md model card. Reload it with `import hf_decoupleq` and "
         "AutoModelForCausalLM.from_pretrained(DIR).",
+        model=("MODEL", "a Hub id, a local checkpoint folder, or a .gguf file"),
     )
-    q.add_argument("model", metavar="MODEL", help="a Hub id, a local checkpoint folder, or a .gguf file")
     q.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write the quantized model to")
     q.add_argument("--overwrite", action="store_true", help="write into --output even if it already holds a model")
     q.add_argument("--push-to-hub", metavar="REPO", help="also upload the output folder to this Hub repo")
@@ -187,36 +207,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(q)
     _common_options(q)
 
-    e = sub.add_parser(
-        "eval", help="perplexity of a model on a text", description="Perplexity with non-overlapping windows."
+    e = _command(
+        sub, "eval", "perplexity of a model on a text", "Perplexity with non-overlapping windows.", model=_ANY_MODEL
     )
-    e.add_argument("model", metavar="DIR", help="a saved (quantized or not) model folder, a Hub id, or a .gguf file")
     e.add_argument("--dataset", required=True, help="'wikitext2' (the Hub test split) or a local text file")
     e.add_argument("--seq-len", type=int, default=2048, help="window length in tokens (default: 2048)")
     e.add_argument("--max-windows", type=int, default=40, help="score the first N windows (default: 40; 0: all)")
     e.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
-    e.add_argument("--device", help="device to run on (default: cuda if available, else cpu)")
-    e.add_argument("--tokenizer", help="tokenizer Hub id or folder (default: the model's)")
-    _load_options(e)
-    _common_options(e)
+    _run_options(e)
 
-    g = sub.add_parser("generate", help="greedy continuation of a prompt", description="Print a greedy continuation.")
-    g.add_argument("model", metavar="DIR", help="a saved (quantized or not) model folder, a Hub id, or a .gguf file")
+    g = _command(sub, "generate", "greedy continuation of a prompt", "Print a greedy continuation.", model=_ANY_MODEL)
     g.add_argument("--prompt", required=True, help="the text to continue")
     g.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate (default: 50)")
-    g.add_argument("--device", help="device to run on (default: cuda if available, else cpu)")
-    g.add_argument("--tokenizer", help="tokenizer Hub id or folder (default: the model's)")
-    _load_options(g)
-    _common_options(g)
+    _run_options(g)
 
-    x = sub.add_parser(
+    x = _command(
+        sub,
         "export",
-        help="write a decoupleQ checkpoint as a GGUF file for llama.cpp / Ollama",
-        description="Write the checkpoint DIR as a GGUF file. W4 (and W2/W3) checkpoints without incoherence and with "
+        "write a decoupleQ checkpoint as a GGUF file for llama.cpp / Ollama",
+        "Write the checkpoint DIR as a GGUF file. W4 (and W2/W3) checkpoints without incoherence and with "
         "group sizes that are multiples of 32 map exactly to Q4_1 (symmetric ones also to Q4_0); any other type needs "
         "--allow-lossy, which requantizes the dequantized weights and reports the error it adds.",
+        model=("DIR", "a saved decoupleQ checkpoint folder (with its tokenizer)"),
     )
-    x.add_argument("model", metavar="DIR", help="a saved decoupleQ checkpoint folder (with its tokenizer)")
     x.add_argument(
         "--format",
         required=True,

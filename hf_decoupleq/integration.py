@@ -8,10 +8,12 @@ largest `nn.ModuleList` of identical modules that contain linear layers.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 
 import torch
 from torch import nn
+from transformers.quantizers.quantizers_utils import should_convert_module
 
 from .errors import DecoupleQCheckpointError, UnsupportedModelError
 from .hadamard import has_transform
@@ -49,9 +51,20 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def _is_skipped(name: str, skip: Iterable[str]) -> bool:
+    """Whether the full module name `name` matches a `modules_to_not_convert` pattern.
+
+    A pattern matches as transformers' own `should_convert_module` matches it (from the start up to a module
+    boundary, as a regex with that boundary, e.g. `model.layers.(0|1).mlp`, or as a suffix), and also, as
+    hf-decoupleq has always matched, as whole dotted components anywhere in the name (`experts` matches
+    `model.layers.0.mlp.experts.0.w1`, which transformers' helper does not)."""
     for pattern in skip:
-        if name == pattern or name.endswith("." + pattern) or name.startswith(pattern + ".") or f".{pattern}." in name:
+        if f".{pattern}." in f".{name}.":
             return True
+        try:
+            if not should_convert_module(name, [pattern]):
+                return True
+        except re.error:  # not a valid regex: it matches literally (above), as it always did
+            pass
     return False
 
 

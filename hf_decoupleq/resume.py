@@ -13,11 +13,13 @@ matching checksum, so a block file written just before a crash but not yet in th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -45,13 +47,16 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
+@contextlib.contextmanager
+def _atomic_file(path: str, suffix: str = "") -> Iterator[str]:
+    """A temporary name beside `path` to write to: once the block ends it is fsync'ed and renamed over `path`, and
+    the directory entry is fsync'ed; if the block raises, the temporary file is removed."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -59,6 +64,11 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(directory)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    with _atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def _sha256(path: str) -> str:
@@ -132,19 +142,8 @@ class ResumeStore:
     def save_block(self, index: int, block: nn.Module, stats: dict[str, Any]) -> None:
         path = self._block_file(index)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
-        directory = self.directory
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-        os.close(fd)
-        try:
+        with _atomic_file(path, suffix=".safetensors") as tmp:
             save_file(tensors, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(directory)
         self.manifest["blocks"][str(index)] = {"sha256": _sha256(path), "stats": _json_safe(stats)}
         self._write_manifest()
 

@@ -25,10 +25,12 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def _as_parameter(module: nn.Module, name: str) -> None:
-    tensor = module._buffers.get(name)
+    """Turn the buffer `name` of `module` into a trainable parameter of the same name (state-dict key unchanged);
+    nothing happens if it is no buffer (absent, None, or a parameter already)."""
+    tensor = dict(module.named_buffers(recurse=False)).get(name)
     if tensor is None:
         return
-    del module._buffers[name]
+    delattr(module, name)
     module.register_parameter(name, nn.Parameter(tensor.detach(), requires_grad=True))
 
 

@@ -17,26 +17,12 @@ __all__ = ["KERNEL", "kernel_args", "launch"]
 
 @triton.jit
 def _dequant_kernel(
-    qw_ptr,
-    s_ptr,
-    z_ptr,
-    out_ptr,
-    N,
-    K,
-    stride_qk,
-    stride_qn,
-    stride_sg,
-    stride_sn,
-    stride_on,
-    stride_ok,
-    BITS: tl.constexpr,
-    CPB: tl.constexpr,
-    WPB: tl.constexpr,
-    GROUP_SIZE: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    ALIGNED: tl.constexpr,
-):
+    qw_ptr, s_ptr, z_ptr, out_ptr,
+    N, K,
+    stride_qk, stride_qn, stride_sg, stride_sn, stride_on, stride_ok,
+    BITS: tl.constexpr, CPB: tl.constexpr, WPB: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr,
+):  # fmt: skip
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     k0 = pid_k * BLOCK_K

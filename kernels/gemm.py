@@ -21,34 +21,12 @@ __all__ = ["KERNEL", "kernel_args", "launch"]
 
 @triton.jit
 def _gemm_kernel(
-    x_ptr,
-    qw_ptr,
-    s_ptr,
-    z_ptr,
-    out_ptr,
-    M,
-    N,
-    K,
-    M_BUCKET,
-    stride_xm,
-    stride_xk,
-    stride_qk,
-    stride_qn,
-    stride_sg,
-    stride_sn,
-    stride_om,
-    stride_on,
-    BITS: tl.constexpr,
-    CPB: tl.constexpr,
-    WPB: tl.constexpr,
-    GROUP_SIZE: tl.constexpr,
-    IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    ALIGNED: tl.constexpr,
-):
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
+    M, N, K, M_BUCKET,
+    stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_om, stride_on,
+    BITS: tl.constexpr, CPB: tl.constexpr, WPB: tl.constexpr, GROUP_SIZE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ALIGNED: tl.constexpr,
+):  # fmt: skip
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)

@@ -34,34 +34,12 @@ __all__ = ["KERNEL", "MAX_DECODE_M", "kernel_args", "launch"]
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr,
-    qw_ptr,
-    s_ptr,
-    z_ptr,
-    out_ptr,
-    M,
-    N,
-    K,
-    SPLIT_K,
-    stride_xm,
-    stride_xk,
-    stride_qk,
-    stride_qn,
-    stride_sg,
-    stride_sn,
-    stride_ok,
-    stride_om,
-    stride_on,
-    BITS: tl.constexpr,
-    CPB: tl.constexpr,
-    WPB: tl.constexpr,
-    GROUP_SIZE: tl.constexpr,
-    IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    ALIGNED: tl.constexpr,
-):
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
+    M, N, K, SPLIT_K,
+    stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_ok, stride_om, stride_on,
+    BITS: tl.constexpr, CPB: tl.constexpr, WPB: tl.constexpr, GROUP_SIZE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr,
+):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)

@@ -35,14 +35,9 @@ def _checked(x: torch.Tensor | None, *packed) -> PackedLayer:
 
 @torch.library.custom_op("hf_decoupleq::matmul", mutates_args=())
 def matmul(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    bits: int,
-    group_size: int,
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
     in_features: int,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """Fused dequantize-matmul ``x @ W^T`` (``x`` ``[M, K]``) in ``x.dtype`` with the Triton kernels."""
     layer = _checked(x, qweight, scales, zeros, bits, group_size, in_features)
     if 1 <= x.shape[0] <= MAX_DECODE_M:

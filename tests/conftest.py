@@ -64,6 +64,54 @@ def small_config(**overrides):
     return DecoupleQConfig(**{**base, **overrides})
 
 
+def assert_reloads_identically(quantized, path, test_ids) -> set[str]:
+    """Save `quantized` to `path` and reload it: nothing missing or unexpected, the same packed modules, and exactly
+    the same logits on `test_ids`. Returns the names of the packed modules."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_decoupleq import DecoupleQLinear
+
+    packed = {n for n, m in quantized.named_modules() if isinstance(m, DecoupleQLinear)}
+    quantized.save_pretrained(path)
+    reloaded, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not any(info.values()), info
+    assert {n for n, m in reloaded.named_modules() if isinstance(m, DecoupleQLinear)} == packed
+    with torch.no_grad():
+        assert torch.equal(quantized(test_ids).logits, reloaded(test_ids).logits)
+    return packed
+
+
+def assert_same_predictions(model, reloaded, tokenizer, prompt: str = "the game was released in") -> None:
+    """`reloaded` gives exactly `model`'s logits on `prompt` and the same 8 greedy tokens."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+    gen_a = model.generate(ids, max_new_tokens=8, do_sample=False)
+    gen_b = reloaded.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(gen_a, gen_b)
+
+
+def build_small_llama(vocab_size: int = 43, bos: int | None = 1, **overrides):
+    """A seeded random Llama of hidden size 32 (2 layers, 4 heads, 2 KV heads), as constructed (train mode)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=bos,
+        eos_token_id=2,
+        pad_token_id=0,
+        **overrides,
+    )
+    return LlamaForCausalLM(cfg)
+
+
 def build_tiny_tokenizer(text: str, vocab_size: int = 128):
     """A word-level tokenizer trained offline on `text` (no Hub access needed)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import build_small_llama
 
 from hf_decoupleq.calibration import data
 from hf_decoupleq.calibration.data import get_calibration_windows, resolve_tokenizer, sample_windows
@@ -233,22 +234,7 @@ def test_tokenizer_folder_is_loaded(tok, tmp_path):
 
 
 def _tiny_llama(vocab_size: int = 43, bos: int | None = 1):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=bos,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return build_small_llama(vocab_size, bos).eval()
 
 
 def _greedy_reference(model, first: torch.Tensor, length: int) -> torch.Tensor:

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import build_small_llama
 
 from hf_decoupleq.errors import DecoupleQConfigError, DecoupleQDataError
 from hf_decoupleq.evaluation import PerplexityResult, load_eval_text, perplexity
@@ -24,23 +25,8 @@ def _tokenizer():
 
 
 def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=43,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        attention_dropout=0.5,  # dropout makes a forgotten model.eval() visible as a wrong (random) NLL
-    )
-    return LlamaForCausalLM(cfg)
+    # Left in train mode: dropout makes a forgotten model.eval() visible as a wrong (random) NLL.
+    return build_small_llama(attention_dropout=0.5)
 
 
 def _text(n_words: int = 150, seed: int = 0) -> str:

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import build_tiny_model, small_config
+from conftest import assert_same_predictions, build_tiny_model, small_config
 from hf_decoupleq.kernels import interpreting, reference, triton_available
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -448,13 +448,7 @@ def test_quantize_save_reload_generate_with_incoherence(incoherent_llama, saved_
     state = reloaded.state_dict()
     for key, tensor in saved.items():
         assert torch.equal(state[key], tensor), key
-
-    ids = tiny_tokenizer("the game was released in", return_tensors="pt").input_ids
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, reloaded(ids).logits)
-    gen_a = model.generate(ids, max_new_tokens=8, do_sample=False)
-    gen_b = reloaded.generate(ids, max_new_tokens=8, do_sample=False)
-    assert torch.equal(gen_a, gen_b)
+    assert_same_predictions(model, reloaded, tiny_tokenizer)
 
 
 def test_layers_that_read_one_input_rotate_it_once(saved_incoherent, tiny_tokenizer, monkeypatch):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import assert_same_predictions, build_tiny_model, small_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -58,13 +58,7 @@ def test_quantize_save_reload_generate(arch, tiny_checkpoint, tiny_tokenizer, tm
     for key, tensor in saved.items():
         assert torch.equal(state[key], tensor), key
     assert set(packed_modules(reloaded)) == set(packed)
-
-    ids = tiny_tokenizer("the game was released in", return_tensors="pt").input_ids
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, reloaded(ids).logits)
-    gen_a = model.generate(ids, max_new_tokens=8, do_sample=False)
-    gen_b = reloaded.generate(ids, max_new_tokens=8, do_sample=False)
-    assert torch.equal(gen_a, gen_b)
+    assert_same_predictions(model, reloaded, tiny_tokenizer)
 
 
 def test_packed_model_computes_what_the_dequantized_weights_compute(quantized_llama, tiny_tokenizer):
@@ -141,20 +135,22 @@ def test_sharded_save_reloads(quantized_llama, tmp_path):
         assert torch.equal(quantized_llama(ids).logits, reloaded(ids).logits)
 
 
+def _save_with_quantization_config(model, path, **changes):
+    """Save `model` to `path`, then change fields of the saved config.json's quantization_config."""
+    model.save_pretrained(path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"].update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
 def test_checkpoint_shapes_must_match_config(quantized_llama, tmp_path):
-    quantized_llama.save_pretrained(tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["quantization_config"]["group_size"] = 32
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    _save_with_quantization_config(quantized_llama, tmp_path, group_size=32)
     with pytest.raises(DecoupleQCheckpointError, match="scales"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
 def test_newer_format_version_is_refused(quantized_llama, tmp_path):
-    quantized_llama.save_pretrained(tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["quantization_config"]["format_version"] = 99
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    _save_with_quantization_config(quantized_llama, tmp_path, format_version=99)
     with pytest.raises(DecoupleQConfigError, match="format_version=99"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
@@ -177,3 +173,28 @@ def test_device_map_onto_missing_device_is_refused(quantized_llama, tmp_path):
     quantized_llama.save_pretrained(tmp_path)
     with pytest.raises(DecoupleQConfigError, match="CUDA"):
         AutoModelForCausalLM.from_pretrained(tmp_path, device_map={"": "cuda:0"})
+
+
+def test_modules_to_not_convert_matches_as_transformers_does_regex_included():
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from hf_decoupleq.integration import _is_skipped, find_linears
+
+    model = build_tiny_model("llama")
+    _, blocks = find_decoder_blocks(model)
+    # transformers' semantics: a regex up to a module boundary, a prefix at a boundary, a suffix.
+    regex = r"model\.layers\.\d+\.self_attn\.(q|k)_proj"
+    assert sorted(find_linears(blocks[0], "model.layers.0.", [regex])) == [
+        "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.o_proj", "self_attn.v_proj"
+    ]
+    assert find_linears(blocks[1], "model.layers.1.", ["model.layers.1"]) == {}
+    assert len(find_linears(blocks[1], "model.layers.1.", ["model.layers.1.mlp.gate"])) == 7  # not gate_proj
+    names = [f"model.layers.{i}.{n}" for i, b in enumerate(blocks) for n in find_linears(b)]
+    for pattern in (regex, r"model\.layers\.1\..*", "down_proj", "model.layers.1"):
+        assert [n for n in names if _is_skipped(n, [pattern])] == [
+            n for n in names if not should_convert_module(n, [pattern])
+        ], pattern
+    # Whole components anywhere in the name also match, as they always did (transformers' helper does not).
+    assert _is_skipped("model.layers.0.mlp.experts.0.w1", ["experts"])
+    assert _is_skipped("model.layers.1.mlp.down_proj", ["layers.1"])
+    assert not _is_skipped("model.layers.0.mlp.gate_proj", ["mlp.gate"])

@@ -4,6 +4,7 @@ arguments it gets in a plain forward pass, and these families quantize, save and
 import pytest
 import torch
 import transformers
+from conftest import assert_reloads_identically
 from transformers import AutoModelForCausalLM
 
 import hf_decoupleq  # noqa: F401  (registers "decoupleq")
@@ -170,13 +171,5 @@ def test_family_quantizes_saves_and_reloads(family, tmp_path):
     n_linears = sum(len(find_linears(b)) for b in blocks) + sum(
         isinstance(m, DecoupleQLinear) for m in blocks.modules()
     )
-    packed = {n for n, m in quantized.named_modules() if isinstance(m, DecoupleQLinear)}
+    packed = assert_reloads_identically(quantized, tmp_path / "out", windows(model, num=1, seq=20, seed=1))
     assert len(packed) == n_linears > 0
-    out = tmp_path / "out"
-    quantized.save_pretrained(out)
-    reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
-    assert not any(info.values()), info
-    assert {n for n, m in reloaded.named_modules() if isinstance(m, DecoupleQLinear)} == packed
-    test_ids = windows(model, num=1, seq=20, seed=1)
-    with torch.no_grad():
-        assert torch.equal(quantized(test_ids).logits, reloaded(test_ids).logits)

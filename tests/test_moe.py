@@ -5,6 +5,7 @@ read, unless they are kept in full precision on purpose; routers are never quant
 import pytest
 import torch
 import transformers
+from conftest import assert_reloads_identically
 from transformers import AutoModelForCausalLM
 
 import hf_decoupleq  # noqa: F401  (registers "decoupleq")
@@ -74,13 +75,7 @@ def test_experts_kept_on_purpose_the_rest_quantizes_saves_and_reloads(saved_moe,
         mlp = quantized.model.layers[i].mlp
         assert torch.equal(mlp.experts.gate_up_proj, model.model.layers[i].mlp.experts.gate_up_proj)
         assert torch.equal(mlp.gate.weight, model.model.layers[i].mlp.gate.weight)
-    quantized.save_pretrained(tmp_path)
-    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
-    assert not any(info.values()), info
-    assert {n for n, m in reloaded.named_modules() if isinstance(m, DecoupleQLinear)} == packed
-    test = ids(model, num=1, seq=12, seed=1)
-    with torch.no_grad():
-        assert torch.equal(reloaded(test).logits, quantized(test).logits)
+    assert assert_reloads_identically(quantized, tmp_path, ids(model, num=1, seq=12, seed=1)) == packed
 
 
 def test_router_linears_are_never_quantized():

@@ -55,6 +55,31 @@ def test_child_replay_gives_bit_identical_results(arch):
         assert torch.equal(a, b)
 
 
+def test_replay_stands_in_for_children_without_patching_them():
+    # Replay swaps a stand-in module into the block for the duration of a pass; the child itself is never patched
+    # (no instance `forward`) and is back in its place afterwards, with the block's attributes read through.
+    model = build_tiny_model("llama")
+    blocks, inputs = first_block_inputs(model)
+    block = blocks[0]
+    replay = pipeline.ChildReplay(block, [], 0)
+    pipeline.quantize_block(block, inputs, config(), block_name="b", block_index=0, skip=[], device=CPU, replay=replay)
+    attn = block.self_attn
+    assert replay.complete("self_attn") and "forward" not in vars(attn)
+    seen = []
+    handle = block.register_forward_pre_hook(lambda module, args: seen.append(module.self_attn))
+    try:
+        with replay.active(replay.upstream_all(), record=False):
+            stand_in = block.self_attn
+            assert stand_in is not attn and stand_in.layer_idx == attn.layer_idx
+            assert not any(name.startswith("self_attn.") for name, _ in block.named_buffers())
+            pipeline.forward_quantized_block(block, inputs, CPU)
+    finally:
+        handle.remove()
+    assert seen and all(m is stand_in for m in seen)
+    assert block.self_attn is attn and "forward" not in vars(attn)
+    assert any(name.startswith("self_attn.") for name, _ in block.named_buffers())
+
+
 def test_replay_is_not_used_after_the_blockwise_stage_changed_the_weights():
     model = build_tiny_model("llama")
     blocks, inputs = first_block_inputs(model)

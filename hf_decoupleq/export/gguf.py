@@ -412,8 +412,6 @@ def export_gguf(
     """
     import gguf
 
-    from ..nn.linear import DecoupleQLinear
-
     if quant_type is not None:
         quant_type = _check_type("quant_type", quant_type, GGUF_TYPES)
     embedding_type = _check_type("embedding_type", embedding_type, FLOAT_TYPES + GGUF_TYPES)
@@ -422,12 +420,59 @@ def export_gguf(
         _check_type(f"tensor_types[{pattern!r}]", qtype, GGUF_TYPES)
     model, tokenizer = _load(model_or_path, tokenizer)
     config = model.config
-    model_type = getattr(config, "model_type", None)
+    arch, layers = _packed_layers(model, lossy)
+    default_type = quant_type or _auto_type(layers)
+    names = _Names(gguf, config, arch)
+    plans = _plan_layers(layers, names, default_type, tensor_types, lossy)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name or Path(str(getattr(config, "name_or_path", "") or "model")).name or "model")
+    _add_hparams(writer, config, arch)
+    writer.add_file_type(gguf.LlamaFileType[_FILE_TYPES[default_type]])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    pre = _add_tokenizer(writer, tokenizer, config.vocab_size, tokenizer_pre)
+    logger.info("tokenizer: gpt2 BPE, pre-tokenizer %r, %d tokens", pre, config.vocab_size)
+
+    tensors = _TensorWriter(gguf, writer, names)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for key, tensor in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in layers:
+            if leaf == "bias":
+                tensors.add_bias(key, tensor)
+            elif leaf == "qweight":  # scales, zeros, signs: inside the blocks
+                tensors.add_packed(owner, layers[owner], plans[owner])
+        elif not (tied and key == "lm_head.weight"):
+            tensors.add_float(key, tensor, embedding_type=embedding_type, output_type=output_type)
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    total_rel = (tensors.err_sq / tensors.ref_sq) ** 0.5 if tensors.ref_sq > 0 else 0.0
+    report = GGUFExportReport(str(path), path.stat().st_size, tensors.records, total_rel)
+    n_lossy = len(report.lossy)
+    logger.info(
+        "wrote %s (%.1f MiB): %s; quantized layers' relative weight error %.2e%s",
+        path, report.file_size / 2**20, report.type_counts(), total_rel,
+        f" ({n_lossy} tensors requantized)" if n_lossy else " (exact up to fp16 scales)",
+    )  # fmt: skip
+    return report
+
+
+def _packed_layers(model: Any, lossy: bool) -> tuple[str, dict[str, Any]]:
+    """The GGUF architecture and the model's `DecoupleQLinear`s by name, after checking that they can be exported
+    (a supported family, a decoupleQ model, no incoherence unless `lossy`)."""
+    from ..nn.linear import DecoupleQLinear
+
+    model_type = getattr(model.config, "model_type", None)
     if model_type not in ARCHITECTURES:
         raise UnsupportedModelError(
             f"GGUF export supports the model families {sorted(ARCHITECTURES)}, not {model_type!r}"
         )
-    arch, permute_qk = ARCHITECTURES[model_type]
     layers = {n: m for n, m in model.named_modules() if isinstance(m, DecoupleQLinear)}
     if not layers:
         raise DecoupleQConfigError("the model has no DecoupleQLinear layers: it is not a decoupleQ checkpoint")
@@ -439,30 +484,43 @@ def export_gguf(
             "incoherence=False (--no-incoherence) for an exact GGUF export, or pass lossy=True (--allow-lossy) to "
             "requantize the dequantized weights (adds error)."
         )
-    default_type = quant_type or _auto_type(layers)
-    n_head = config.num_attention_heads
-    n_head_kv = getattr(config, "num_key_value_heads", None) or n_head
-    tensor_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    return ARCHITECTURES[model_type][0], layers
 
-    def gguf_name(hf_name: str) -> str:
-        mapped = tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+
+class _Names:
+    """llama.cpp's tensor names, and its row order of q/k projections, for one model."""
+
+    def __init__(self, gguf: Any, config: Any, arch: str) -> None:
+        self.model_type = config.model_type
+        self.permute_qk = ARCHITECTURES[self.model_type][1]
+        self.n_head = config.num_attention_heads
+        self.n_head_kv = getattr(config, "num_key_value_heads", None) or self.n_head
+        self.tensor_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+
+    def gguf_name(self, hf_name: str) -> str:
+        mapped = self.tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if mapped is None:
-            raise UnsupportedModelError(f"no GGUF name for tensor {hf_name!r} of a {model_type} model")
+            raise UnsupportedModelError(f"no GGUF name for tensor {hf_name!r} of a {self.model_type} model")
         return mapped
 
-    def permute(hf_name: str, x: np.ndarray) -> np.ndarray:
-        if permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            return _permute_rows(x, n_head)
-        if permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            return _permute_rows(x, n_head_kv)
+    def permute(self, hf_name: str, x: np.ndarray) -> np.ndarray:
+        if self.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            return _permute_rows(x, self.n_head)
+        if self.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            return _permute_rows(x, self.n_head_kv)
         return x
 
-    # Plan every quantized layer first, so a refusal costs nothing and names every offending layer.
+
+def _plan_layers(
+    layers: dict[str, Any], names: _Names, default_type: str, tensor_types: dict[str, str] | None, lossy: bool
+) -> dict[str, tuple[str, str, bool, str]]:
+    """`(gguf name, type, exact, note)` of every quantized layer, planned before anything is written, so a refusal
+    costs nothing and names every offending layer."""
     plans: dict[str, tuple[str, str, bool, str]] = {}
     refused: list[str] = []
     for lname, layer in layers.items():
         hf_name = f"{lname}.weight"
-        out_name = gguf_name(hf_name)
+        out_name = names.gguf_name(hf_name)
         qtype = _resolve_type(out_name, default_type, tensor_types)
         note = ""
         if qtype in K_FALLBACK and layer.in_features % 256:
@@ -482,79 +540,60 @@ def export_gguf(
             f"{shown}. Pass lossy=True (--allow-lossy) to requantize them (the added error is reported), or pick "
             "quant_type='q4_1' (exact for bits <= 4 and group sizes that are multiples of 32)."
         )
+    return plans
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(name or Path(str(getattr(config, "name_or_path", "") or "model")).name or "model")
-    _add_hparams(writer, config, arch)
-    writer.add_file_type(gguf.LlamaFileType[_FILE_TYPES[default_type]])
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    pre = _add_tokenizer(writer, tokenizer, config.vocab_size, tokenizer_pre)
-    logger.info("tokenizer: gpt2 BPE, pre-tokenizer %r, %d tokens", pre, config.vocab_size)
 
-    records: list[TensorRecord] = []
-    err_sq, ref_sq = 0.0, 0.0
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    state = model.state_dict()
-    for key, tensor in state.items():
-        owner, _, leaf = key.rpartition(".")
-        if owner in layers:
-            layer = layers[owner]
-            if leaf == "bias":
-                arr = permute(key, tensor.detach().float().cpu().numpy())
-                writer.add_tensor(gguf_name(key), arr)
-                records.append(TensorRecord(gguf_name(key), "F32", "float"))
-                continue
-            if leaf != "qweight":
-                continue  # scales, zeros, signs: inside the blocks
-            out_name, qtype, exact, note = plans[owner]
-            w_ref = layer.dequantize_weight().detach().float().cpu().numpy()
-            if exact:
-                data, source = _exact_bytes(layer, qtype), "exact"
-            else:
-                data, source = _requantize(w_ref, qtype), "requantized"
-            w_file = _dequantize(data, qtype)
-            e, r = float(((w_file - w_ref) ** 2).sum()), float((w_ref**2).sum())
-            err_sq, ref_sq = err_sq + e, ref_sq + r
-            rel = (e / r) ** 0.5 if r > 0 else 0.0
-            if source == "requantized":
-                logger.warning("%s: requantized to %s, relative weight error %.4f (%s)", out_name, qtype.upper(), rel,
-                               note)  # fmt: skip
-            writer.add_tensor(
-                out_name, permute(f"{owner}.weight", data), raw_dtype=gguf.GGMLQuantizationType[qtype.upper()]
-            )
-            records.append(TensorRecord(out_name, qtype.upper(), source, rel, note))
-            continue
-        if tied and key == "lm_head.weight":
-            continue
-        out_name = gguf_name(key)
-        arr = permute(key, tensor.detach().float().cpu().numpy())
+class _TensorWriter:
+    """Adds tensors to the GGUF writer under llama.cpp's names and keeps a `TensorRecord` of each, plus the summed
+    squared weight error (and reference) of the quantized layers."""
+
+    def __init__(self, gguf: Any, writer: Any, names: _Names) -> None:
+        self.gguf, self.writer, self.names = gguf, writer, names
+        self.records: list[TensorRecord] = []
+        self.err_sq, self.ref_sq = 0.0, 0.0
+
+    def add_packed(self, owner: str, layer: Any, plan: tuple[str, str, bool, str]) -> None:
+        """A packed layer's weight: its exact GGML blocks, or the dequantized weight requantized."""
+        out_name, qtype, exact, note = plan
+        w_ref = layer.dequantize_weight().detach().float().cpu().numpy()
+        if exact:
+            data, source = _exact_bytes(layer, qtype), "exact"
+        else:
+            data, source = _requantize(w_ref, qtype), "requantized"
+        w_file = _dequantize(data, qtype)
+        e, r = float(((w_file - w_ref) ** 2).sum()), float((w_ref**2).sum())
+        self.err_sq, self.ref_sq = self.err_sq + e, self.ref_sq + r
+        rel = (e / r) ** 0.5 if r > 0 else 0.0
+        if source == "requantized":
+            logger.warning("%s: requantized to %s, relative weight error %.4f (%s)", out_name, qtype.upper(), rel,
+                           note)  # fmt: skip
+        self.writer.add_tensor(
+            out_name, self.names.permute(f"{owner}.weight", data),
+            raw_dtype=self.gguf.GGMLQuantizationType[qtype.upper()],
+        )  # fmt: skip
+        self.records.append(TensorRecord(out_name, qtype.upper(), source, rel, note))
+
+    def add_bias(self, key: str, tensor: torch.Tensor) -> None:
+        """A packed layer's bias, in float32."""
+        arr = self.names.permute(key, tensor.detach().float().cpu().numpy())
+        self.writer.add_tensor(self.names.gguf_name(key), arr)
+        self.records.append(TensorRecord(self.names.gguf_name(key), "F32", "float"))
+
+    def add_float(self, key: str, tensor: torch.Tensor, *, embedding_type: str, output_type: str) -> None:
+        """A full-precision tensor: F32 if 1-D (norms, biases), else `embedding_type` for the token embedding and
+        `output_type` for the rest (a float type, or a quantized one by requantization)."""
+        out_name = self.names.gguf_name(key)
+        arr = self.names.permute(key, tensor.detach().float().cpu().numpy())
         if arr.ndim == 1:
-            writer.add_tensor(out_name, arr.astype(np.float32))
-            records.append(TensorRecord(out_name, "F32", "float"))
-            continue
+            self.writer.add_tensor(out_name, arr.astype(np.float32))
+            self.records.append(TensorRecord(out_name, "F32", "float"))
+            return
         ftype = embedding_type if out_name == "token_embd.weight" else output_type
         if ftype in FLOAT_TYPES:
-            writer.add_tensor(out_name, arr.astype(np.float16 if ftype == "f16" else np.float32))
-            records.append(TensorRecord(out_name, ftype.upper(), "float"))
+            self.writer.add_tensor(out_name, arr.astype(np.float16 if ftype == "f16" else np.float32))
+            self.records.append(TensorRecord(out_name, ftype.upper(), "float"))
         else:
             data = _requantize(arr, ftype)
             rel = float(np.linalg.norm(_dequantize(data, ftype) - arr) / max(np.linalg.norm(arr), 1e-30))
-            writer.add_tensor(out_name, data, raw_dtype=gguf.GGMLQuantizationType[ftype.upper()])
-            records.append(TensorRecord(out_name, ftype.upper(), "requantized", rel, "full-precision tensor"))
-
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    total_rel = (err_sq / ref_sq) ** 0.5 if ref_sq > 0 else 0.0
-    report = GGUFExportReport(str(path), path.stat().st_size, records, total_rel)
-    n_lossy = len(report.lossy)
-    logger.info(
-        "wrote %s (%.1f MiB): %s; quantized layers' relative weight error %.2e%s",
-        path, report.file_size / 2**20, report.type_counts(), total_rel,
-        f" ({n_lossy} tensors requantized)" if n_lossy else " (exact up to fp16 scales)",
-    )  # fmt: skip
-    return report
+            self.writer.add_tensor(out_name, data, raw_dtype=self.gguf.GGMLQuantizationType[ftype.upper()])
+            self.records.append(TensorRecord(out_name, ftype.upper(), "requantized", rel, "full-precision tensor"))

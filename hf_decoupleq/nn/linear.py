@@ -265,9 +265,12 @@ class DecoupleQLinear(nn.Module):
 
         return self._cached("codes", self._key(self.qweight), build)
 
-    def _codes(self) -> torch.Tensor:
-        """Unpacked uint8 codes ``[out, in]`` (a view of the cached grouped codes)."""
+    def unpacked_codes(self) -> torch.Tensor:
+        """The integer codes as uint8 ``[out_features, in_features]``: a read-only view of a cache (unpacked once per
+        ``qweight``), so copy it before changing it."""
         return self._codes_by_group().view(-1, self.out_features)[: self.in_features].T
+
+    _codes = unpacked_codes  # the former private name
 
     def _cpu_int4_ok(self, compute_dtype: torch.dtype) -> bool:
         return F.cpu_int4_supported(
@@ -320,7 +323,7 @@ class DecoupleQLinear(nn.Module):
             x2 = self._rotate(x, x2, needs_grad)
         if needs_grad:
             # Under torch.compile the codes are unpacked in the graph: the Python-side cache would break it.
-            codes = unpack(self.qweight, self.bits, self.in_features) if compiling else self._codes()
+            codes = unpack(self.qweight, self.bits, self.in_features) if compiling else self.unpacked_codes()
             w = reference.dequantize_codes(codes, self.scales, self.zeros, g, dtype=x.dtype)
             y = x2 @ w.T
         elif _select_backend(x.device) == "triton":
@@ -363,7 +366,9 @@ class DecoupleQLinear(nn.Module):
             return F.cpu_int4_matmul(x2, packed, scale_zero, self.effective_group_size)
         if x2.shape[0] > F.GROUPED_MAX_M:
             # Many rows: one dequantized temporary weight and a single GEMM (compute-bound anyway).
-            w = reference.dequantize_codes(self._codes(), self.scales, self.zeros, self.effective_group_size, x2.dtype)
+            w = reference.dequantize_codes(
+                self.unpacked_codes(), self.scales, self.zeros, self.effective_group_size, x2.dtype
+            )
             return x2 @ w.T
         return self._grouped_matmul(x2)
 

@@ -322,6 +322,61 @@ def refine_block(
         A :class:`BlockwiseResult`. The block is left with the trained parameters, or with the initial ones if
         training did not lower the loss. ``requires_grad`` flags and train/eval mode are restored.
     """
+    kwargs_list = _check_refine_args(inputs, targets, forward_kwargs, epochs, lr, micro_batch, optimizer, weight_decay)
+    steps = _micro_batches(inputs, targets, kwargs_list, micro_batch)
+    params = _trainable(block, train_norms, train_bias)
+    first_param = next(block.parameters(), None)
+    device = first_param.device if first_param is not None else inputs[0].device
+    objective = _Objective(block, inputs, targets, kwargs_list, device, autocast_dtype)
+    flags = {id(p): p.requires_grad for p in block.parameters()}
+    was_training = block.training
+    snapshot = [p.detach().clone() for p in params]
+    try:
+        block.eval()  # no dropout: the objective is deterministic
+        for p in block.parameters():
+            p.requires_grad_(False)
+        initial = objective.evaluate() if initial_loss is None else float(initial_loss)
+        if not params or epochs == 0:
+            return BlockwiseResult(initial_loss=initial, epoch_losses=[], final_loss=initial)
+        for p in params:
+            p.requires_grad_(True)
+        if optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        else:
+            opt = _SignSGD(params, _sign_units(block, params), lr=lr, total_steps=epochs * len(steps))
+        epoch_losses, diverged = _train(objective, opt, params, steps, epochs=epochs, seed=seed, grad_clip=grad_clip)
+        final_outputs: list[torch.Tensor] | None = [] if return_outputs else None
+        final = math.inf if diverged else objective.evaluate(final_outputs)
+        if final <= initial:
+            logger.debug("block-wise refinement: loss %.4g -> %.4g", initial, final)
+            return BlockwiseResult(
+                initial_loss=initial, epoch_losses=epoch_losses, final_loss=final, outputs=final_outputs
+            )
+        with torch.no_grad():
+            for p, saved in zip(params, snapshot):
+                p.copy_(saved)
+        logger.info(
+            "block-wise refinement did not help (loss %.4g -> %s); restored the initial parameters",
+            initial, "non-finite" if diverged else f"{final:.4g}",
+        )  # fmt: skip
+        return BlockwiseResult(initial_loss=initial, epoch_losses=epoch_losses, final_loss=initial, restored=True)
+    finally:
+        for p in block.parameters():
+            p.requires_grad_(flags.get(id(p), p.requires_grad))
+        block.train(was_training)
+
+
+def _check_refine_args(
+    inputs: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    forward_kwargs: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
+    epochs: int,
+    lr: float,
+    micro_batch: int | None,
+    optimizer: str,
+    weight_decay: float,
+) -> list[Mapping[str, Any]]:
+    """Validate :func:`refine_block`'s arguments; returns the keyword arguments of each batch."""
     nb = len(inputs)
     if nb == 0 or len(targets) != nb:
         raise DecoupleQConfigError(f"need as many targets as inputs (>0), got {nb} inputs and {len(targets)} targets")
@@ -341,88 +396,73 @@ def refine_block(
         raise DecoupleQConfigError(f"optimizer={optimizer!r} is not allowed: use 'adam' or 'signsgd'")
     if optimizer == "signsgd" and weight_decay:
         raise DecoupleQConfigError("weight_decay is an Adam setting; use weight_decay=0 with optimizer='signsgd'")
-    steps = _micro_batches(inputs, targets, kwargs_list, micro_batch)
+    return kwargs_list
 
-    params = _trainable(block, train_norms, train_bias)
-    first_param = next(block.parameters(), None)
-    device = first_param.device if first_param is not None else inputs[0].device
-    flags = {id(p): p.requires_grad for p in block.parameters()}
-    was_training = block.training
-    snapshot = [p.detach().clone() for p in params]
 
-    def batch_loss(i: int, keep: list[torch.Tensor] | None = None, batches=None) -> torch.Tensor:
-        x_i, t_i, kw_i = (inputs[i], targets[i], kwargs_list[i]) if batches is None else batches[i]
-        x = x_i.to(device=device, dtype=torch.float32)
-        kw = _to_device(kw_i, device)
-        if autocast_dtype is None:
-            out = _first(block(x, **kw)).float()
+class _Objective:
+    """``MSE(block(x), t)`` of one batch (inputs cast to float32, optionally under autocast), and its mean over
+    all batches."""
+
+    def __init__(
+        self,
+        block: nn.Module,
+        inputs: Sequence[torch.Tensor],
+        targets: Sequence[torch.Tensor],
+        kwargs_list: Sequence[Mapping[str, Any]],
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+    ) -> None:
+        self.block, self.device, self.autocast_dtype = block, device, autocast_dtype
+        self.batches = list(zip(inputs, targets, kwargs_list))
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor, Any], keep: list[torch.Tensor] | None = None):
+        x_i, t_i, kw_i = batch
+        x = x_i.to(device=self.device, dtype=torch.float32)
+        kw = _to_device(kw_i, self.device)
+        if self.autocast_dtype is None:
+            out = _first(self.block(x, **kw)).float()
         else:
-            with torch.autocast(device_type=device.type, dtype=autocast_dtype):
-                out = _first(block(x, **kw)).float()
+            with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
+                out = _first(self.block(x, **kw)).float()
         if keep is not None:
             keep.append(out.detach().to("cpu"))
-        return F.mse_loss(out, t_i.to(device=device, dtype=torch.float32))
+        return F.mse_loss(out, t_i.to(device=self.device, dtype=torch.float32))
 
-    def evaluate(keep: list[torch.Tensor] | None = None) -> float:
+    def evaluate(self, keep: list[torch.Tensor] | None = None) -> float:
+        """The mean over batches of each batch's MSE (no grad); `keep` receives the outputs."""
         with torch.no_grad():
-            return sum(float(batch_loss(i, keep)) for i in range(nb)) / nb
+            return sum(float(self.loss(batch, keep)) for batch in self.batches) / len(self.batches)
 
+
+def _train(
+    objective: _Objective,
+    opt: Any,
+    params: Sequence[nn.Parameter],
+    steps: Sequence[tuple[torch.Tensor, torch.Tensor, Any]],
+    *,
+    epochs: int,
+    seed: int,
+    grad_clip: float | None,
+) -> tuple[list[float], bool]:
+    """``epochs`` passes over ``steps`` in a seeded random order, one optimizer step each. Returns the mean loss
+    of each finished epoch and whether a non-finite loss stopped the training."""
+    gen = torch.Generator().manual_seed(seed)
     epoch_losses: list[float] = []
-    restored = False
-    try:
-        block.eval()  # no dropout: the objective is deterministic
-        for p in block.parameters():
-            p.requires_grad_(False)
-        initial = evaluate() if initial_loss is None else float(initial_loss)
-        if not params or epochs == 0:
-            return BlockwiseResult(initial_loss=initial, epoch_losses=[], final_loss=initial)
-        for p in params:
-            p.requires_grad_(True)
-        if optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-        else:
-            opt = _SignSGD(params, _sign_units(block, params), lr=lr, total_steps=epochs * len(steps))
-        gen = torch.Generator().manual_seed(seed)
-        diverged = False
-        with torch.enable_grad():
-            for _ in range(epochs):
-                total = 0.0
-                for i in torch.randperm(len(steps), generator=gen).tolist():
-                    opt.zero_grad(set_to_none=True)
-                    loss = batch_loss(i, batches=steps)
-                    if not torch.isfinite(loss):
-                        diverged = True
-                        break
-                    loss.backward()
-                    if grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                    opt.step()
-                    total += float(loss.detach())
-                if diverged:
-                    break
-                epoch_losses.append(total / len(steps))
-        final_outputs: list[torch.Tensor] | None = [] if return_outputs else None
-        final = math.inf if diverged else evaluate(final_outputs)
-        if not final <= initial:
-            final_outputs = None
-            with torch.no_grad():
-                for p, saved in zip(params, snapshot):
-                    p.copy_(saved)
-            logger.info(
-                "block-wise refinement did not help (loss %.4g -> %s); restored the initial parameters",
-                initial, "non-finite" if diverged else f"{final:.4g}",
-            )  # fmt: skip
-            final = initial
-            restored = True
-        else:
-            logger.debug("block-wise refinement: loss %.4g -> %.4g", initial, final)
-        return BlockwiseResult(
-            initial_loss=initial, epoch_losses=epoch_losses, final_loss=final, restored=restored, outputs=final_outputs
-        )
-    finally:
-        for p in block.parameters():
-            p.requires_grad_(flags.get(id(p), p.requires_grad))
-        block.train(was_training)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            total = 0.0
+            for i in torch.randperm(len(steps), generator=gen).tolist():
+                opt.zero_grad(set_to_none=True)
+                loss = objective.loss(steps[i])
+                if not torch.isfinite(loss):
+                    return epoch_losses, True
+                loss.backward()
+                if grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                opt.step()
+                total += float(loss.detach())
+            epoch_losses.append(total / len(steps))
+    return epoch_losses, False
 
 
 __all__ = ["BlockwiseResult", "FakeQuantLinear", "refine_block"]

@@ -362,19 +362,6 @@ def solve_layer(
     h = h64.to(cd)
     stats: dict[str, Any] = {"method": method, "rounds_run": 0, "damp": None}
     history: list[float] = []
-
-    def losses_of(wr: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        loss = row_losses(wr - dequantize(codes, s, z, g), h)
-        # A non-finite candidate must never win a keep-best comparison.
-        return torch.nan_to_num(loss, nan=math.inf)
-
-    def refine(wr, codes, s, z, loss):
-        # Coordinate descent from the current codes, kept per row only where it lowered the (undamped) loss.
-        codes_cd = coordinate_descent(wr, h, codes, s, z, bits, g, cd_sweeps, block_size)
-        loss_cd = losses_of(wr, codes_cd, s, z)
-        take = loss_cd < loss
-        return torch.where(take[:, None], codes_cd, codes), torch.where(take, loss_cd, loss)
-
     if method == "decoupleq":
         if clip_dtype is None:
             clip_dtype = _fast_low_precision(w.device) if cd == torch.float32 else cd
@@ -389,44 +376,11 @@ def solve_layer(
         stats["damp"] = factor.damp
         codes_g = gptq_round(w, s, z, bits, g, factor, block_size)
         if method == "decoupleq":
-            loss = losses_of(w, codes, s, z)
-            history.append(float(loss.sum()))
-            loss_g = losses_of(w, codes_g, s, z)
-            take = loss_g < loss
-            stats["rows_gptq_first"] = float(take.float().mean())
-            codes = torch.where(take[:, None], codes_g, codes)
-            loss = torch.minimum(loss, loss_g)
-            if cd_sweeps:
-                codes, loss = refine(w, codes, s, z, loss)
-            history.append(float(loss.sum()))
-            # Rows are independent and both steps are deterministic, so a row whose codes did not change in the
-            # last q-step is at a fixed point (its (s, z) is already optimal for its codes, and re-rounding with
-            # the same (s, z) gives the same codes): only rows whose codes changed are worked on again.
-            active = torch.arange(w.shape[0], device=w.device)
-            stats["active_rows"] = []
-            for _ in range(rounds):
-                if active.numel() == 0 or active.numel() < early_stop_frac * w.shape[0]:
-                    break
-                stats["active_rows"].append(int(active.numel()))
-                wa, ca, sa, za, la = w[active], codes[active], s[active], z[active], loss[active]
-                s_new, z_new = scale_zero_step(wa, h, ca, g, bits, sa, za, symmetric, integer_zero, cd)
-                loss_sz = losses_of(wa, ca, s_new, z_new)
-                take = loss_sz < la
-                sa = torch.where(take[:, None], s_new, sa)
-                za = torch.where(take[:, None], z_new, za)
-                la = torch.where(take, loss_sz, la)
-                codes_g = gptq_round(wa, sa, za, bits, g, factor, block_size)
-                loss_q = losses_of(wa, codes_g, sa, za)
-                take = loss_q < la
-                ca_new = torch.where(take[:, None], codes_g, ca)
-                la = torch.where(take, loss_q, la)
-                if cd_sweeps:
-                    ca_new, la = refine(wa, ca_new, sa, za, la)
-                changed = (ca_new != ca).any(dim=1)
-                s[active], z[active], codes[active], loss[active] = sa, za, ca_new, la
-                history.append(float(loss.sum()))
-                stats["rounds_run"] += 1
-                active = active[changed]
+            problem = _Problem(w, h, g, bits, block_size, cd_sweeps, factor)
+            codes = _alternate(
+                problem, codes, codes_g, s, z, symmetric=symmetric, integer_zero=integer_zero, rounds=rounds,
+                early_stop_frac=early_stop_frac, stats=stats, history=history,
+            )  # fmt: skip
         else:
             codes = codes_g
     scales = s.float()
@@ -444,3 +398,87 @@ def solve_layer(
         name, tuple(weight.shape), bits, g, method, float(final.mean()), stats["time_s"],
     )  # fmt: skip
     return QuantResult(codes=codes_u8, scales=scales, zeros=zeros, loss=final, bits=bits, group_size=g, stats=stats)
+
+
+@dataclass(frozen=True, eq=False)
+class _Problem:
+    """One layer's proxy problem in the compute dtype: weight ``w``, Hessian ``h``, and the rounding settings."""
+
+    w: torch.Tensor
+    h: torch.Tensor
+    g: int
+    bits: int
+    block_size: int
+    cd_sweeps: int
+    factor: Any
+
+    def losses(self, wr: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        loss = row_losses(wr - dequantize(codes, s, z, self.g), self.h)
+        # A non-finite candidate must never win a keep-best comparison.
+        return torch.nan_to_num(loss, nan=math.inf)
+
+    def descend(self, wr, codes, s, z, loss):
+        # Coordinate descent from the current codes, kept per row only where it lowered the (undamped) loss.
+        codes_cd = coordinate_descent(wr, self.h, codes, s, z, self.bits, self.g, self.cd_sweeps, self.block_size)
+        loss_cd = self.losses(wr, codes_cd, s, z)
+        take = loss_cd < loss
+        return torch.where(take[:, None], codes_cd, codes), torch.where(take, loss_cd, loss)
+
+
+def _alternate(
+    p: _Problem,
+    codes: torch.Tensor,
+    codes_g: torch.Tensor,
+    s: torch.Tensor,
+    z: torch.Tensor,
+    *,
+    symmetric: bool,
+    integer_zero: bool,
+    rounds: int,
+    early_stop_frac: float,
+    stats: dict[str, Any],
+    history: list[float],
+) -> torch.Tensor:
+    """decoupleQ's alternation (method.md step 3): the better first rounding per row (RTN ``codes`` or GPTQ
+    ``codes_g``), then up to ``rounds`` of the (s, z)-step and GPTQ re-rounding, keep-best per row. Updates ``s`` and
+    ``z`` in place and returns the codes; appends the total loss after each step to ``history``."""
+    w, g, bits, cd = p.w, p.g, p.bits, p.w.dtype
+    loss = p.losses(w, codes, s, z)
+    history.append(float(loss.sum()))
+    loss_g = p.losses(w, codes_g, s, z)
+    take = loss_g < loss
+    stats["rows_gptq_first"] = float(take.float().mean())
+    codes = torch.where(take[:, None], codes_g, codes)
+    loss = torch.minimum(loss, loss_g)
+    if p.cd_sweeps:
+        codes, loss = p.descend(w, codes, s, z, loss)
+    history.append(float(loss.sum()))
+    # Rows are independent and both steps are deterministic, so a row whose codes did not change in the
+    # last q-step is at a fixed point (its (s, z) is already optimal for its codes, and re-rounding with
+    # the same (s, z) gives the same codes): only rows whose codes changed are worked on again.
+    active = torch.arange(w.shape[0], device=w.device)
+    stats["active_rows"] = []
+    for _ in range(rounds):
+        if active.numel() == 0 or active.numel() < early_stop_frac * w.shape[0]:
+            break
+        stats["active_rows"].append(int(active.numel()))
+        wa, ca, sa, za, la = w[active], codes[active], s[active], z[active], loss[active]
+        s_new, z_new = scale_zero_step(wa, p.h, ca, g, bits, sa, za, symmetric, integer_zero, cd)
+        loss_sz = p.losses(wa, ca, s_new, z_new)
+        take = loss_sz < la
+        sa = torch.where(take[:, None], s_new, sa)
+        za = torch.where(take[:, None], z_new, za)
+        la = torch.where(take, loss_sz, la)
+        codes_g = gptq_round(wa, sa, za, bits, g, p.factor, p.block_size)
+        loss_q = p.losses(wa, codes_g, sa, za)
+        take = loss_q < la
+        ca_new = torch.where(take[:, None], codes_g, ca)
+        la = torch.where(take, loss_q, la)
+        if p.cd_sweeps:
+            ca_new, la = p.descend(wa, ca_new, sa, za, la)
+        changed = (ca_new != ca).any(dim=1)
+        s[active], z[active], codes[active], loss[active] = sa, za, ca_new, la
+        history.append(float(loss.sum()))
+        stats["rounds_run"] += 1
+        active = active[changed]
+    return codes
