@@ -2,7 +2,8 @@
 
 Runs ``bench_real_model.py`` twice on one machine, one after the other, on its fixed protocol (SmolLM2-135M, 128
 WikiText-2 windows of 512 tokens, perplexity on the first 40 test windows of 2048 tokens), with the project's
-default method (``decoupleq-incoherent``: SignSGD block-wise stage, incoherence processing) at W2 g64 and W3 g128:
+default method (``decoupleq-e2e``: SignSGD block-wise stage, incoherence processing, end-to-end stage) at W2 g64
+and W3 g128:
 
 - ``defaults``: ``--batch-size auto --calibration-dtype auto`` (what a user gets without setting them);
 - ``bench``: ``--batch-size 8 --calibration-dtype bfloat16`` (the benchmark's own settings).
@@ -26,7 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SETTINGS = "w2g64,w3g128"
-METHOD = "decoupleq-incoherent"
+METHOD = "decoupleq-e2e"
 VARIANTS = {
     "defaults": ["--batch-size", "auto", "--calibration-dtype", "auto"],
     "bench": ["--batch-size", "8", "--calibration-dtype", "bfloat16"],

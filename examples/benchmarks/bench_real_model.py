@@ -255,6 +255,8 @@ def quantize_decoupleq(model, tokenizer, windows, setting: Setting, method: str,
     }
     # What "auto" batch size / calibration dtype resolved to (explicit values are recorded as given).
     stats = getattr(cfg, "quantization_stats", None) or {}
+    if stats.get("e2e"):
+        out["e2e"] = stats["e2e"]  # the end-to-end stage: steps, KL before/after on its check windows, seconds
     out["calibration_resolved"] = {k: stats.get(k) for k in ("batch_size", "calibration_dtype")}
     out.update(decoupleq_linear_stats(model))
     out["packed_size_bytes"] = _common.unique_tensor_bytes(model.state_dict())
