@@ -484,6 +484,7 @@ def _solve_kwargs(config: DecoupleQConfig) -> dict[str, Any]:
         "damp": config.damp,
         "symmetric": config.symmetric,
         "integer_zero": config.integer_zero,
+        "gguf_type": config.gguf_type,
     }
 
 
@@ -838,7 +839,7 @@ def quantize_model(model: nn.Module, config: DecoupleQConfig, tokenizer: Any = N
             block.to(device)
             replay = ChildReplay(block, [], len(inputs.hidden))
             if store is not None and store.has(index):
-                store.load_block(index, block, bits=config.bits, group_size=config.group_size)
+                store.load_block(index, block, bits=config.bits, group_size=config.group_size, gguf_type=config.gguf_type)
                 stats = store.stats(index)
                 logger.info("%s: restored from %s", block_name, config.checkpoint_dir)
             else:
