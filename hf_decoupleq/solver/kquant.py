@@ -274,6 +274,62 @@ def project_to_grid(scales: torch.Tensor, zeros: torch.Tensor, fmt: LayerFormat)
     return d, sc, dmin, m
 
 
+def subblock_fit(w: torch.Tensor, weights: torch.Tensor, fmt: LayerFormat, steps: int = 24):
+    """Per sub-block ``(s, z)`` ``[N, G]`` minimizing the ``weights``-weighted squared error of round-to-nearest
+    (``weights`` ``[K]``, e.g. ``diag H``), over a grid of candidate ranges, each re-fitted by weighted least squares
+    on its codes.
+
+    Asymmetric: the range ``[min, min + f (max - min)]``. Symmetric (``Q3_K``): the value of largest magnitude is mapped
+    onto code 0, i.e. onto the longer, negative side ``-2**(bits-1) s`` of the code range (the scale takes the
+    opposite sign of that value), shrunk by ``f``; the scale's sign is free per sub-block.
+    """
+    n, k = w.shape
+    g = fmt.group_size
+    maxq = float((1 << fmt.bits) - 1)
+    x = w.double().reshape(n, k // g, g)
+    u = weights.double().clamp_min(0).reshape(1, k // g, g).expand_as(x)
+    usum = u.sum(-1).clamp_min(1e-300)
+    tiny = x.abs().amax(dim=(1, 2), keepdim=True)[..., 0].clamp_min(1e-30) * 1e-8
+    best_err = torch.full(x.shape[:2], math.inf, dtype=x.dtype, device=x.device)
+    best_s = torch.zeros_like(best_err)
+    best_z = torch.zeros_like(best_err)
+    if fmt.symmetric:
+        mid = float(1 << (fmt.bits - 1))
+        peak = x.gather(-1, x.abs().argmax(-1, keepdim=True))[..., 0]
+        peak = torch.where(peak.abs() < tiny, tiny, peak)
+    else:
+        lo, hi = x.amin(-1), x.amax(-1)
+    for f in torch.linspace(0.55, 1.1, steps).tolist():
+        if fmt.symmetric:
+            a = -peak * f / mid
+            q = torch.round(x / a[..., None] + mid).clamp_(0, maxq) - mid
+            qq = (u * q * q).sum(-1)
+            a = torch.where(qq > 0, (u * q * x).sum(-1) / qq.clamp_min(1e-300), a)
+            a = torch.where(a.abs() < tiny, torch.where(a < 0, -tiny, tiny), a)
+            q = torch.round(x / a[..., None] + mid).clamp_(0, maxq) - mid
+            err = (u * (a[..., None] * q - x) ** 2).sum(-1)
+            b = -mid * a
+        else:
+            a = torch.maximum((hi - lo) * f / maxq, tiny)
+            q = torch.round((x - lo[..., None]) / a[..., None]).clamp_(0, maxq)
+            # Weighted least squares for (a, b) on these codes.
+            sq, s1 = (u * q).sum(-1), usum
+            sqq, sx, sqx = (u * q * q).sum(-1), (u * x).sum(-1), (u * q * x).sum(-1)
+            det = sqq * s1 - sq * sq
+            ok = det > 1e-12 * sqq * s1
+            a2 = torch.where(ok, (sqx * s1 - sq * sx) / torch.where(ok, det, 1.0), a)
+            b2 = torch.where(ok, (sqq * sx - sq * sqx) / torch.where(ok, det, 1.0), lo)
+            bad = a2 <= tiny
+            a, b = torch.where(bad, a, a2), torch.where(bad, lo, b2)
+            q = torch.round((x - b[..., None]) / a[..., None]).clamp_(0, maxq)
+            err = (u * (a[..., None] * q + b[..., None] - x) ** 2).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, a, best_s)
+        best_z = torch.where(better, b, best_z)
+    return best_s.to(w.dtype), best_z.to(w.dtype)
+
+
 def _solve_spd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     from .layerwise import _solve_spd as solve
 
@@ -360,12 +416,29 @@ def solve_layer_kquant(
     if method == "decoupleq":
         if clip_dtype is None:
             clip_dtype = _fast_low_precision(w.device) if cd == torch.float32 else cd
-        s, z, _ = clip_search(w, h, bits, g, fmt.symmetric, False, steps=grid_steps, eval_dtype=clip_dtype)
+        # Two starting points, projected onto the grid, the better (H-weighted loss of round-to-nearest) kept per
+        # row: the per-row clipping search of Eq. 12 (asymmetric types), and a per-sub-block fit weighted by diag H
+        # (which also picks each Q3_K sub-block's sign).
+        starts = [subblock_fit(w, h.diagonal(), fmt)]
+        if not fmt.symmetric:
+            starts.append(clip_search(w, h, bits, g, False, False, steps=grid_steps, eval_dtype=clip_dtype)[:2])
     else:
-        s, z = minmax_params(w, bits, g, 1.0, fmt.symmetric, False)
-    d, sc, dmin, m = project_to_grid(s, z, fmt)
+        starts = [minmax_params(w, bits, g, 1.0, fmt.symmetric, False)]
+    best_loss = None
+    for s, z in starts:
+        cand = project_to_grid(s.to(cd), z.to(cd), fmt)
+        s, z = _materialize(fmt, *cand)
+        cand_codes = rtn_codes(w, s, z, bits, g)
+        cand_loss = loss_of(cand_codes, *cand)
+        if best_loss is None:
+            (d, sc, dmin, m), codes, best_loss = cand, cand_codes, cand_loss
+            continue
+        take = cand_loss < best_loss
+        d, dmin = (torch.where(take[:, None], new, old) for new, old in ((cand[0], d), (cand[2], dmin)))
+        sc, m = (torch.where(take[:, None], new, old) for new, old in ((cand[1], sc), (cand[3], m)))
+        codes = torch.where(take[:, None], cand_codes, codes)
+        best_loss = torch.minimum(cand_loss, best_loss)
     s, z = _materialize(fmt, d, sc, dmin, m)
-    codes = rtn_codes(w, s, z, bits, g)
     factor = None
     if method != "rtn":
         factor = prepare_gptq(h64, damp, act_order, name, cd)
