@@ -26,6 +26,7 @@ GRIDS = {"q2_k": (2, 16, (0, 15), (0, 15)), "q3_k": (3, 16, (-32, 31), None), "q
 def _problem(n=24, k=512, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2048, k, generator=g) * torch.linspace(0.3, 2.0, k)
+    x = x @ (torch.eye(k) + 0.3 * torch.randn(k, k, generator=g) / k**0.5)  # correlated inputs, as in real layers
     h = (x.T @ x / x.shape[0]).double()
     w = torch.randn(n, k, generator=g) * 0.02
     w[:, :64] *= 4  # uneven magnitudes across super-blocks

@@ -173,7 +173,7 @@ class Fp16Grid:
 
 def on_fp16_grid(result: Any, fmt: LayerFormat) -> Any:
     """A symmetric block-32 ``QuantResult`` with its scales rounded to fp16 (codes kept), so that ``Q4_0`` / ``Q5_0``
-    export holds it exactly; the proxy loss is recomputed by the caller's ``loss_fn``."""
+    export holds it exactly; its ``loss`` is still the unrounded one (the caller recomputes it)."""
     import dataclasses
 
     grid = Fp16Grid(fmt)
@@ -187,17 +187,23 @@ def _split(x: torch.Tensor, subs: int) -> torch.Tensor:
     return x.reshape(n, g // subs, subs)
 
 
+def _round_levels(ratio: torch.Tensor, lo: int, hi: int, nonzero: bool) -> torch.Tensor:
+    """``clamp(round(ratio), lo, hi)``; with ``nonzero`` a level of 0 becomes -1 for a negative ratio in a signed
+    range and 1 otherwise (a scale is never 0, so GPTQ's divisions stay finite)."""
+    lev = torch.round(ratio).clamp(lo, hi)
+    if nonzero:
+        one = torch.where((ratio < 0) & (lo < 0), -1.0, 1.0).to(lev.dtype)
+        lev = torch.where(lev == 0, one, lev)
+    return lev
+
+
 def _levels(values, sup, rng, subs, nonzero=False) -> torch.Tensor:
-    """Integer levels ``clamp(round(values / sup))`` ``[N, G]`` for per-super-block ``sup`` ``[N, S]``; with
-    ``nonzero`` a level that rounds to 0 becomes +-1 (the sign of the value)."""
+    """Integer levels ``clamp(round(values / sup))`` ``[N, G]`` for per-super-block ``sup`` ``[N, S]`` (see
+    :func:`_round_levels`)."""
     lo, hi = rng
     v = _split(values, subs)
     safe = torch.where(sup == 0, torch.ones_like(sup), sup)[..., None]
-    ratio = v / safe
-    lev = torch.round(ratio).clamp_(lo, hi)
-    if nonzero:
-        one = torch.where(ratio < 0, -1.0, 1.0).to(lev.dtype).clamp(lo, hi)
-        lev = torch.where(lev == 0, one, lev)
+    lev = _round_levels(v / safe, lo, hi, nonzero)
     lev = torch.where(sup[..., None] == 0, torch.zeros_like(lev), lev)
     return lev.reshape(values.shape)
 
@@ -219,7 +225,7 @@ def _fp16(x: torch.Tensor) -> torch.Tensor:
 
 
 def _choose_super(values: torch.Tensor, rng: tuple[int, int], nonzero: bool, steps: int = 24):
-    """Per super-block ``values`` ``[N, S, n]``: the fp16 super-scale ``[N, S]`` (and levels) minimizing the squared
+    """Per super-block ``values`` ``[N, S, n]``: the fp16 super-scale ``[N, S]`` minimizing the squared
     error of ``sup * level`` with rounded, clamped levels, over a grid of candidates each re-fitted by least squares.
 
     The value of largest magnitude is mapped onto the far end of the level range on its side (both ends are tried
@@ -234,19 +240,14 @@ def _choose_super(values: torch.Tensor, rng: tuple[int, int], nonzero: bool, ste
     best = torch.full_like(peak, 1e-30)
     for end in ends:
         for f in torch.linspace(0.55, 1.05, steps).tolist():
-            # Non-negative levels: the super-scale takes the peak's sign; signed levels: the peak maps onto `end`.
-            sup = peak.abs() * torch.sign(peak) / (end * f) if lo >= 0 else peak / (end * f)
+            sup = peak / (end * f)  # the peak lands on level `end * f` (non-negative levels: sup takes its sign)
             for _ in range(2):
-                lev = torch.round(v / sup[..., None]).clamp(lo, hi)
-                if nonzero:
-                    lev = torch.where(lev == 0, torch.where(v / sup[..., None] < 0, -1.0, 1.0).clamp(lo, hi), lev)
+                lev = _round_levels(v / sup[..., None], lo, hi, nonzero)
                 ll = (lev * lev).sum(-1)
                 refit = (lev * v).sum(-1) / torch.where(ll > 0, ll, torch.ones_like(ll))
                 sup = torch.where((ll > 0) & (refit != 0), refit, sup)
             sup = _fp16(sup)
-            lev = torch.round(v / sup[..., None]).clamp(lo, hi)
-            if nonzero:
-                lev = torch.where(lev == 0, torch.where(v / sup[..., None] < 0, -1.0, 1.0).clamp(lo, hi), lev)
+            lev = _round_levels(v / sup[..., None], lo, hi, nonzero)
             err = ((sup[..., None] * lev - v) ** 2).sum(-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
