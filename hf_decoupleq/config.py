@@ -333,8 +333,8 @@ class DecoupleQConfig(QuantizationConfigMixin):
             setattr(self, field, wanted)
         if self.incoherence:
             raise DecoupleQConfigError(
-                f"DecoupleQConfig.gguf_type={self.gguf_type!r} needs incoherence=False: GGUF block types cannot express "
-                "the Hadamard rotation of incoherence processing"
+                f"DecoupleQConfig.gguf_type={self.gguf_type!r} needs incoherence=False: GGUF block types cannot "
+                "express the Hadamard rotation of incoherence processing"
             )
         if self.integer_zero:
             fail("integer_zero", f"gguf_type={self.gguf_type!r} puts zeros on the GGUF grid; use integer_zero=False")

@@ -839,7 +839,9 @@ def quantize_model(model: nn.Module, config: DecoupleQConfig, tokenizer: Any = N
             block.to(device)
             replay = ChildReplay(block, [], len(inputs.hidden))
             if store is not None and store.has(index):
-                store.load_block(index, block, bits=config.bits, group_size=config.group_size, gguf_type=config.gguf_type)
+                store.load_block(
+                    index, block, bits=config.bits, group_size=config.group_size, gguf_type=config.gguf_type
+                )
                 stats = store.stats(index)
                 logger.info("%s: restored from %s", block_name, config.checkpoint_dir)
             else:

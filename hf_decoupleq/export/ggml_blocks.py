@@ -42,8 +42,8 @@ __all__ = [
 QK = 32
 QK_K = 256
 # (values per block, bytes per block), as in gguf.GGML_QUANT_SIZES.
-BLOCK_SIZES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q8_0": (32, 34), "Q2_K": (256, 84), "Q3_K": (256, 110),
-               "Q4_K": (256, 144)}  # fmt: skip
+BLOCK_SIZES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q8_0": (32, 34), "Q2_K": (256, 84),
+               "Q3_K": (256, 110), "Q4_K": (256, 144)}  # fmt: skip
 
 
 def _f16_bytes(x: np.ndarray) -> np.ndarray:
@@ -256,7 +256,11 @@ def quantize_k(w: np.ndarray, qtype: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------------
 
 # type -> (sub-block size, code bits, scale level range, min level range or None for the symmetric Q3_K)
-KQUANT_LEVELS = {"Q2_K": (16, 2, (0, 15), (0, 15)), "Q3_K": (16, 3, (-32, 31), None), "Q4_K": (32, 4, (0, 63), (0, 63))}
+KQUANT_LEVELS = {
+    "Q2_K": (16, 2, (0, 15), (0, 15)),
+    "Q3_K": (16, 3, (-32, 31), None),
+    "Q4_K": (32, 4, (0, 63), (0, 63)),
+}
 
 
 def recover_grid(values: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

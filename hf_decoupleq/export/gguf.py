@@ -16,8 +16,8 @@ of 32 and checkpoints without incoherence processing:
   zeros lie on the k-quant grid: ``d``, ``sc``, ``dmin``, ``m`` are recovered exactly and the file holds exactly the
   checkpoint's weights (no fp16 rounding left: the solver already rounded ``d`` and ``dmin``).
 
-Anything else (other group sizes, asymmetric to ``Q4_0``, k-quants of other checkpoints, rotated checkpoints) only goes through
-``lossy=True``: the dequantized weight is requantized to the type and the relative weight error it adds is logged.
+Anything else (other group sizes, asymmetric to ``Q4_0``, k-quants of other checkpoints, rotated checkpoints) only goes
+through ``lossy=True``: the dequantized weight is requantized to the type and the relative weight error it adds is logged.
 """
 
 from __future__ import annotations
@@ -305,8 +305,10 @@ def _exact_reason(layer: Any, qtype: str) -> str:
     if qtype.upper() in KQUANT_LEVELS:
         sub, kbits, _, _ = KQUANT_LEVELS[qtype.upper()]
         if bits != kbits or g != sub or k % 256:
-            return f"{qtype.upper()} holds {kbits}-bit codes in sub-blocks of {sub} with K % 256 == 0, this layer is " \
+            return (
+                f"{qtype.upper()} holds {kbits}-bit codes in sub-blocks of {sub} with K % 256 == 0, this layer is "
                 f"W{bits} g{g} with K={k} (quantize with gguf_type={qtype!r})"
+            )
         result = _kquant_bytes(layer, qtype)
         return result if isinstance(result, str) else ""
     if k % 32 or g % 32:
@@ -427,8 +429,8 @@ def export_gguf(
             model whose quantized layers are `DecoupleQLinear` (then pass ``tokenizer``).
         path: the ``.gguf`` file to write (overwritten).
         quant_type (`str`, *optional*): GGML type of the quantized layers, one of `GGUF_TYPES`. `None` picks the type
-            that holds the checkpoint exactly: the checkpoint's ``gguf_type`` (with llama-quantize's fallback for layers
-            whose ``in_features`` is not a multiple of 256), else ``q4_0`` for symmetric W4, ``q8_0`` for symmetric W8,
+            that holds the checkpoint exactly: the checkpoint's ``gguf_type`` (with llama-quantize's fallback for
+            layers whose ``in_features`` is not a multiple of 256), else ``q4_0`` for symmetric W4, ``q8_0`` for symmetric W8,
             else ``q4_1``.
         lossy (`bool`, defaults to `False`): allow layers the type cannot hold exactly (other group sizes, k-quants,
             asymmetric to ``q4_0``, rotated checkpoints): their dequantized weight is requantized to the type and the

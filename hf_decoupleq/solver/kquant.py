@@ -280,8 +280,8 @@ def subblock_fit(w: torch.Tensor, weights: torch.Tensor, fmt: LayerFormat, steps
     (``weights`` ``[K]``, e.g. ``diag H``), over a grid of candidate ranges, each re-fitted by weighted least squares
     on its codes.
 
-    Asymmetric: the range ``[min, min + f (max - min)]``. Symmetric (``Q3_K``): the value of largest magnitude is mapped
-    onto code 0, i.e. onto the longer, negative side ``-2**(bits-1) s`` of the code range (the scale takes the
+    Asymmetric: the range ``[min, min + f (max - min)]``. Symmetric (``Q3_K``): the value of largest magnitude is
+    mapped onto code 0, i.e. onto the longer, negative side ``-2**(bits-1) s`` of the code range (the scale takes the
     opposite sign of that value), shrunk by ``f``; the scale's sign is free per sub-block.
     """
     n, k = w.shape

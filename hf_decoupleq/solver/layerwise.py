@@ -484,5 +484,6 @@ def solve_layer(
         name, tuple(weight.shape), bits, g, method, float(final.mean()), stats["time_s"],
     )  # fmt: skip
     return QuantResult(
-        codes=codes_u8, scales=scales, zeros=zeros, loss=final, bits=bits, group_size=g, stats=stats, symmetric=symmetric
+        codes=codes_u8, scales=scales, zeros=zeros, loss=final, bits=bits, group_size=g, stats=stats,
+        symmetric=symmetric,
     )

@@ -131,8 +131,8 @@ class DecoupleQVllmConfig(QuantizationConfig):
         if config.get("gguf_type"):
             raise DecoupleQConfigError(
                 f"this checkpoint was quantized with gguf_type={config['gguf_type']!r}: its layers differ in bits and "
-                "group size (the k-quant and its fallback type), which this vLLM plugin does not serve; export it with "
-                "`decoupleq export DIR --format gguf` and run it with llama.cpp"
+                "group size (the k-quant and its fallback type), which this vLLM plugin does not serve; export it "
+                "with `decoupleq export DIR --format gguf` and run it with llama.cpp"
             )
         return cls(
             bits=cls.get_from_keys(config, ["bits"]),
