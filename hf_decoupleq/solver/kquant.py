@@ -57,6 +57,7 @@ __all__ = [
     "LayerFormat",
     "layer_format",
     "project_to_grid",
+    "solve_layer_block32",
     "solve_layer_kquant",
 ]
 
@@ -169,16 +170,6 @@ class Fp16Grid:
 
     def to(self, device: torch.device | str) -> Fp16Grid:
         return self
-
-
-def on_fp16_grid(result: Any, fmt: LayerFormat) -> Any:
-    """A symmetric block-32 ``QuantResult`` with its scales rounded to fp16 (codes kept), so that ``Q4_0`` / ``Q5_0``
-    export holds it exactly; its ``loss`` is still the unrounded one (the caller recomputes it)."""
-    import dataclasses
-
-    grid = Fp16Grid(fmt)
-    s, z = grid.project(result.scales, result.zeros)
-    return dataclasses.replace(result, scales=s, zeros=z, symmetric=True, grid=grid)
 
 
 def _split(x: torch.Tensor, subs: int) -> torch.Tensor:
@@ -497,3 +488,99 @@ def solve_layer_kquant(
     grid = KGrid(fmt, d.float(), dmin.float())
     return QuantResult(codes=codes_u8, scales=scales, zeros=zeros, loss=final, bits=bits, group_size=g, stats=stats,
                        symmetric=fmt.symmetric, grid=grid)  # fmt: skip
+
+
+def solve_layer_block32(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    fmt: LayerFormat,
+    *,
+    method: str = "decoupleq",
+    rounds: int = 3,
+    act_order: bool = True,
+    damp: float = 0.01,
+    name: str | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    clip_dtype: torch.dtype | None = None,
+    grid_steps: tuple[int, ...] = (16, 4, 1),
+    **_: Any,
+):
+    """A symmetric block-32 layer (``Q4_0``, or ``Q5_0`` held as W4) with fp16 scales: ``w = d (q - 8)``.
+
+    As :func:`solve_layer_kquant` without levels: the starting points are the per-group fit weighted by ``diag H``
+    (the scale's sign free per group, so the weight of largest magnitude lands on the longer side ``-8 d``, as in
+    llama.cpp's own quantizer) and the per-row clipping search (positive scales); then GPTQ rounding, and ``rounds``
+    alternations of decoupleQ's (s)-step (rounded to fp16) and GPTQ re-rounding, each kept per row if it helps.
+    """
+    from .layerwise import QuantResult, _fast_low_precision, _validate, scale_zero_step
+    from .rounding import DEFAULT_BLOCK_SIZE, gptq_round, prepare_gptq
+
+    if fmt.is_kquant or not fmt.symmetric:
+        raise DecoupleQConfigError(f"{fmt.ggml_type} is not a symmetric block-32 type")
+    _validate(weight, H, fmt.bits, fmt.group_size, method, rounds, damp, compute_dtype, DEFAULT_BLOCK_SIZE, name)
+    t0 = time.perf_counter()
+    cd = compute_dtype
+    bits, g = fmt.bits, fmt.group_size
+    mid = float(1 << (bits - 1))
+    grid = Fp16Grid(fmt)
+    w = weight.detach().to(cd)
+    h64 = H.detach().to(device=w.device, dtype=torch.float64)
+    h = h64.to(cd)
+    stats: dict[str, Any] = {"method": method, "gguf_type": fmt.ggml_type, "rounds_run": 0, "damp": None}
+    history: list[float] = []
+
+    def loss_of(codes, s):
+        return torch.nan_to_num(row_losses(w - dequantize(codes, s, -mid * s, g), h), nan=math.inf)
+
+    if method == "decoupleq":
+        if clip_dtype is None:
+            clip_dtype = _fast_low_precision(w.device) if cd == torch.float32 else cd
+        starts = [subblock_fit(w, h.diagonal(), fmt)[0],
+                  clip_search(w, h, bits, g, True, False, steps=grid_steps, eval_dtype=clip_dtype)[0]]  # fmt: skip
+    else:
+        starts = [minmax_params(w, bits, g, 1.0, True, False)[0]]
+    s = codes = loss = None
+    for cand in starts:
+        cand = _fp16(cand.to(cd))
+        cand_codes = rtn_codes(w, cand, -mid * cand, bits, g)
+        cand_loss = loss_of(cand_codes, cand)
+        if s is None:
+            s, codes, loss = cand, cand_codes, cand_loss
+            continue
+        take = cand_loss < loss
+        s = torch.where(take[:, None], cand, s)
+        codes = torch.where(take[:, None], cand_codes, codes)
+        loss = torch.minimum(cand_loss, loss)
+    if method != "rtn":
+        factor = prepare_gptq(h64, damp, act_order, name, cd)
+        stats["damp"] = factor.damp
+        codes_g = gptq_round(w, s, -mid * s, bits, g, factor)
+        loss_g = loss_of(codes_g, s)
+        take = loss_g < loss if method == "decoupleq" else torch.ones_like(loss, dtype=torch.bool)
+        codes = torch.where(take[:, None], codes_g, codes)
+        loss = torch.where(take, loss_g, loss)
+    if method == "decoupleq":
+        history.append(float(loss.sum()))
+        for _ in range(rounds):
+            s_f, _ = scale_zero_step(w, h, codes, g, bits, s, -mid * s, True, False, cd)
+            s_f = _fp16(s_f.to(cd))
+            loss_f = loss_of(codes, s_f)
+            take = loss_f < loss
+            s = torch.where(take[:, None], s_f, s)
+            loss = torch.where(take, loss_f, loss)
+            codes_g = gptq_round(w, s, -mid * s, bits, g, factor)
+            loss_g = loss_of(codes_g, s)
+            take = loss_g < loss
+            codes = torch.where(take[:, None], codes_g, codes)
+            loss = torch.where(take, loss_g, loss)
+            history.append(float(loss.sum()))
+            stats["rounds_run"] += 1
+    scales = s.float()
+    zeros = -mid * scales
+    codes_u8 = codes.round().clamp_(0, (1 << bits) - 1).to(torch.uint8)
+    w_hat = dequantize(codes_u8, scales, zeros, g).double()
+    final = row_losses(weight.detach().to(torch.float64) - w_hat, h64)
+    stats["loss_per_round"] = history
+    stats["time_s"] = time.perf_counter() - t0
+    return QuantResult(codes=codes_u8, scales=scales, zeros=zeros, loss=final, bits=bits, group_size=g, stats=stats,
+                       symmetric=True, grid=grid)  # fmt: skip

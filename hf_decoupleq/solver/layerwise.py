@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -380,18 +379,12 @@ def solve_layer(
                 weight, H, fmt, method=method, rounds=rounds, act_order=act_order, damp=damp, name=name,
                 compute_dtype=compute_dtype, clip_dtype=clip_dtype, grid_steps=grid_steps,
             )  # fmt: skip
-        plain = solve_layer(
-            weight, H, fmt.bits, fmt.group_size, method, rounds, act_order, damp, True, False, name,
-            block_size=block_size, grid_steps=grid_steps, early_stop_frac=early_stop_frac, compute_dtype=compute_dtype,
-            clip_dtype=clip_dtype, cd_sweeps=cd_sweeps,
-        )  # fmt: skip
-        from .kquant import on_fp16_grid
+        from .kquant import solve_layer_block32
 
-        # Scales rounded to fp16 (the block type's d), codes kept: the export is then exact, not within fp16.
-        result = on_fp16_grid(plain, fmt)
-        w_hat = result.dequantize().double()
-        loss = row_losses(weight.detach().double() - w_hat, H.detach().to(device=w_hat.device, dtype=torch.float64))
-        return dataclasses.replace(result, loss=loss, stats={**plain.stats, "gguf_type": fmt.ggml_type})
+        return solve_layer_block32(
+            weight, H, fmt, method=method, rounds=rounds, act_order=act_order, damp=damp, name=name,
+            compute_dtype=compute_dtype, clip_dtype=clip_dtype, grid_steps=grid_steps,
+        )  # fmt: skip
     t0 = time.perf_counter()
     _validate(weight, H, bits, group_size, method, rounds, damp, compute_dtype, block_size, name, cd_sweeps)
     k = weight.shape[1]
