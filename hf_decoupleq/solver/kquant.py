@@ -29,6 +29,9 @@ The layer-wise solve (:func:`solve_layer_kquant`) alternates, keeping the best o
 4. the free (s, z) step of decoupleQ, projected onto the grid again and re-fitted as in 3;
 5. GPTQ re-rounding on the new grid; steps 3-5 repeat ``rounds`` times.
 
+Fallback layers (and ``gguf_type="q4_0"``) are solved by :func:`solve_layer_block32`: the same alternation with fp16
+scales and no levels, from a per-group start whose scale sign is free (the largest weight on the ``-8 d`` side).
+
 The block-wise stage keeps the grid: :class:`~hf_decoupleq.solver.blockwise.FakeQuantLinear` trains latent scales and
 zeros and uses their projection onto the grid (levels re-rounded against the layer-wise super-scales, a
 straight-through estimator for the gradient), and snaps them onto the grid when training ends.
