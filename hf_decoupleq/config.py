@@ -48,6 +48,11 @@ RESULT_FIELDS = (
     "format_version",
 )
 
+# gguf_type -> (bits, group_size, symmetric) of its layers whose in_features is a multiple of 256. The solver's own
+# table is hf_decoupleq.solver.kquant.layer_format (this module imports only errors and packing; a test checks that
+# the two agree).
+GGUF_LAYERS = {"q2_k": (2, 16, False), "q3_k": (3, 16, True), "q4_k": (4, 32, False), "q4_0": (4, 32, True)}
+
 # calibration_dtype values: forwards during calibration run under autocast to this dtype.
 CALIBRATION_DTYPES = ("float32", "bfloat16", "float16")
 # batch_size / calibration_dtype value chosen per run from the hardware (hf_decoupleq.hardware).
@@ -319,14 +324,10 @@ class DecoupleQConfig(QuantizationConfigMixin):
             )
 
     def _check_gguf_type(self, fail) -> None:
-        from .solver.kquant import GGUF_TYPES, layer_format
-
-        if self.gguf_type not in GGUF_TYPES:
-            fail("gguf_type", f"use None or one of {list(GGUF_TYPES)}")
-        main = layer_format(self.gguf_type, 256)
-        for field, default, wanted in (
-            ("bits", 2, main.bits), ("group_size", 64, main.group_size), ("symmetric", False, main.symmetric)
-        ):
+        if self.gguf_type not in GGUF_LAYERS:
+            fail("gguf_type", f"use None or one of {list(GGUF_LAYERS)}")
+        bits, group_size, symmetric = GGUF_LAYERS[self.gguf_type]
+        for field, default, wanted in (("bits", 2, bits), ("group_size", 64, group_size), ("symmetric", False, symmetric)):
             value = getattr(self, field)
             if value != default and value != wanted:
                 fail(field, f"gguf_type={self.gguf_type!r} stores {field}={wanted!r}; leave {field} at its default")

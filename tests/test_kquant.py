@@ -79,6 +79,16 @@ def test_config_sets_the_layer_shape_from_the_type(gguf_type, bits, group_size, 
     assert cfg.result_fingerprint()["gguf_type"] == gguf_type
 
 
+def test_config_table_agrees_with_the_solver():
+    from hf_decoupleq.config import GGUF_LAYERS
+    from hf_decoupleq.solver.kquant import GGUF_TYPES
+
+    assert tuple(GGUF_LAYERS) == GGUF_TYPES
+    for t, shape in GGUF_LAYERS.items():
+        fmt = layer_format(t, 256)
+        assert (fmt.bits, fmt.group_size, fmt.symmetric) == shape
+
+
 def test_config_refuses_bad_gguf_settings():
     with pytest.raises(DecoupleQConfigError, match=r"gguf_type='q5_k'.*allowed"):
         DecoupleQConfig(gguf_type="q5_k", incoherence=False)
