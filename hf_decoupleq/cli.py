@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         "write a decoupleQ checkpoint as a GGUF file for llama.cpp / Ollama",
         "Write the checkpoint DIR as a GGUF file. W4 (and W2/W3) checkpoints without incoherence and with "
-        "group sizes that are multiples of 32 map exactly to Q4_1 (symmetric ones also to Q4_0); any other type needs "
+        "group sizes that are multiples of 32 map exactly to Q4_1 (symmetric ones also to Q4_0); checkpoints "
+        "quantized with --gguf-type (q2_k, q3_k, q4_k, q4_0) map exactly to that type; any other type needs "
         "--allow-lossy, which requantizes the dequantized weights and reports the error it adds.",
         model=("DIR", "a saved decoupleQ checkpoint folder (with its tokenizer)"),
     )

@@ -46,8 +46,14 @@ RESULT_FIELDS = (
     "batch_size",
     "calibration_dtype",
     "incoherence",
+    "gguf_type",
     "format_version",
 )
+
+# gguf_type -> (bits, group_size, symmetric) of its layers whose in_features is a multiple of 256. The solver's own
+# table is hf_decoupleq.solver.kquant.layer_format (this module imports only errors and packing; a test checks that
+# the two agree).
+GGUF_LAYERS = {"q2_k": (2, 16, False), "q3_k": (3, 16, True), "q4_k": (4, 32, False), "q4_0": (4, 32, True)}
 
 # calibration_dtype values: forwards during calibration run under autocast to this dtype.
 CALIBRATION_DTYPES = ("float32", "bfloat16", "float16")
@@ -158,6 +164,17 @@ class DecoupleQConfig(QuantizationConfigMixin):
             2, 3 and 4 bits on SmolLM2 for about 4% more quantization time (README, "Incoherence processing"); it
             costs one Hadamard transform per layer input at inference (layers that read the same input share it)
             and writes `format_version: 3` checkpoints. `False` gives the plain method and version-1 checkpoints.
+        gguf_type (`str`, *optional*): solve inside the block structure of a llama.cpp GGUF type, so that
+            `hf_decoupleq.export_gguf` writes exactly what the solver found: "q2_k" (2-bit codes, sub-blocks of 16,
+            `s = d sc`, `z = -dmin m` with 4-bit `sc`, `m` and fp16 `d`, `dmin` per 256 weights), "q3_k" (3-bit,
+            symmetric `w = d sc (q - 4)`, signed 6-bit `sc`, sub-blocks of 16), "q4_k" (4-bit, sub-blocks of 32, 6-bit
+            `sc`, `m`) or "q4_0" (symmetric 4-bit, groups of 32). A layer whose `in_features` is not a multiple of 256
+            gets llama-quantize's fallback type: Q4_0 for "q2_k"/"q3_k", Q5_0 for "q4_k" (held as symmetric 4-bit
+            g32, since the packed format has no 5-bit codes); the log names those layers. `bits`, `group_size` and
+            `symmetric` are set from the type (leave them at their defaults or give the matching values); needs
+            `incoherence=False` and `integer_zero=False`. Both stages keep the grid: the block-wise stage trains
+            scales and zeros through their projection onto it. The k-quant grid is exact in float32 scales: quantize
+            a float32 model (fp16/bf16 scales round `d * sc`). `None` (default): the ordinary decoupleQ layers.
         checkpoint_dir (`str`, *optional*): save each finished block there atomically and resume from it.
         device (`str`, *optional*): device to solve on (default: CUDA if available, else where the block is).
         format_version (`int`): version of the packed format; written by this library, checked on load.
@@ -194,6 +211,7 @@ class DecoupleQConfig(QuantizationConfigMixin):
         batch_size: int | str = AUTO,
         calibration_dtype: str | None = AUTO,
         incoherence: bool = True,
+        gguf_type: str | None = None,
         checkpoint_dir: str | None = None,
         device: str | None = None,
         format_version: int = FORMAT_VERSION,
@@ -234,6 +252,7 @@ class DecoupleQConfig(QuantizationConfigMixin):
         self.batch_size = batch_size
         self.calibration_dtype = _dtype_name(calibration_dtype)
         self.incoherence = incoherence
+        self.gguf_type = gguf_type.lower() if isinstance(gguf_type, str) else gguf_type
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.device = None if device is None else str(device)
         self.format_version = format_version
@@ -312,6 +331,8 @@ class DecoupleQConfig(QuantizationConfigMixin):
             self.dataset = self.dataset.lower()
         if self.dataset is None:
             fail("dataset", f"use one of {list(KNOWN_DATASETS)}, a file path, a list of strings or a datasets.Dataset")
+        if self.gguf_type is not None:
+            self._check_gguf_type(fail)
         if not is_int(self.format_version) or self.format_version < 1:
             fail("format_version", "use a positive integer")
         if self.format_version > FORMAT_VERSION:
@@ -320,6 +341,23 @@ class DecoupleQConfig(QuantizationConfigMixin):
                 f"hf-decoupleq supports format_version <= {FORMAT_VERSION}: upgrade hf-decoupleq "
                 "(pip install -U hf-decoupleq)"
             )
+
+    def _check_gguf_type(self, fail) -> None:
+        if self.gguf_type not in GGUF_LAYERS:
+            fail("gguf_type", f"use None or one of {list(GGUF_LAYERS)}")
+        bits, group_size, symmetric = GGUF_LAYERS[self.gguf_type]
+        for field, default, wanted in (("bits", 2, bits), ("group_size", 64, group_size), ("symmetric", False, symmetric)):
+            value = getattr(self, field)
+            if value != default and value != wanted:
+                fail(field, f"gguf_type={self.gguf_type!r} stores {field}={wanted!r}; leave {field} at its default")
+            setattr(self, field, wanted)
+        if self.incoherence:
+            raise DecoupleQConfigError(
+                f"DecoupleQConfig.gguf_type={self.gguf_type!r} needs incoherence=False: GGUF block types cannot "
+                "express the Hadamard rotation of incoherence processing"
+            )
+        if self.integer_zero:
+            fail("integer_zero", f"gguf_type={self.gguf_type!r} puts zeros on the GGUF grid; use integer_zero=False")
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):

@@ -135,6 +135,7 @@ def replace_with_decoupleq_linear(
     dtype: torch.dtype | None = None,
     incoherence: bool = False,
     packed_modules: Iterable[str] | None = None,
+    gguf_type: str | None = None,
 ) -> list[str]:
     """Replace linears by empty `DecoupleQLinear`s of the packed shapes.
 
@@ -144,6 +145,8 @@ def replace_with_decoupleq_linear(
     (the checkpoint's own list) names exactly the linears to replace; without it (checkpoints written before the
     list existed) every linear of every decoder block except `modules_to_not_convert` is replaced. Each packed
     module takes `dtype`, or else its linear's own dtype (so a model whose layers differ in dtype keeps them).
+    With `gguf_type` (`DecoupleQConfig.gguf_type`) each layer's bits and group size are those of its GGUF type
+    (`hf_decoupleq.solver.kquant.layer_format`: the k-quant, or its fallback when `in_features % 256 != 0`).
     Returns the replaced names.
 
     Raises:
@@ -171,8 +174,14 @@ def replace_with_decoupleq_linear(
             for name, linear in find_linears(block, block_prefix, skip).items():
                 targets[block_prefix + name] = linear
     for name, linear in targets.items():
+        b, g = bits, group_size
+        if gguf_type is not None:
+            from .solver.kquant import layer_format
+
+            fmt = layer_format(gguf_type, linear.in_features, name)
+            b, g = fmt.bits, fmt.group_size
         new = DecoupleQLinear.empty_like(
-            linear, bits, group_size, dtype=dtype, incoherence=incoherence and has_transform(linear.in_features)
+            linear, b, g, dtype=dtype, incoherence=incoherence and has_transform(linear.in_features)
         )
         set_submodule(model, name, new)
     if not targets:

@@ -77,6 +77,7 @@ class DecoupleQHfQuantizer(HfQuantizer):
             # feature existed (the flag was accepted and ignored), so its weights are in the original basis.
             incoherence=cfg.incoherence and cfg.format_version >= 2,
             packed_modules=cfg.packed_modules,
+            gguf_type=getattr(cfg, "gguf_type", None),
         )
         logger.info("prepared %d packed decoupleQ linears for loading", len(replaced))
         if checkpoint_files:

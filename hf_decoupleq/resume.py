@@ -147,8 +147,11 @@ class ResumeStore:
         self.manifest["blocks"][str(index)] = {"sha256": _sha256(path), "stats": _json_safe(stats)}
         self._write_manifest()
 
-    def load_block(self, index: int, block: nn.Module, *, bits: int, group_size: int) -> None:
-        """Swap the block's quantized linears for packed modules and load the saved tensors into it."""
+    def load_block(
+        self, index: int, block: nn.Module, *, bits: int, group_size: int, gguf_type: str | None = None
+    ) -> None:
+        """Swap the block's quantized linears for packed modules and load the saved tensors into it (with
+        `gguf_type`, each layer's bits and group size are those of its GGUF type)."""
         path = self._block_file(index)
         entry = self.manifest["blocks"][str(index)]
         if _sha256(path) != entry["sha256"]:
@@ -158,7 +161,13 @@ class ResumeStore:
         rotated = {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".hadamard_signs")}
         for name, linear in find_linears(block).items():
             if name in packed_names:
-                new = DecoupleQLinear.empty_like(linear, bits, group_size, incoherence=name in rotated)
+                b, g = bits, group_size
+                if gguf_type is not None:
+                    from .solver.kquant import layer_format
+
+                    fmt = layer_format(gguf_type, linear.in_features, name)
+                    b, g = fmt.bits, fmt.group_size
+                new = DecoupleQLinear.empty_like(linear, b, g, incoherence=name in rotated)
                 set_submodule(block, name, new)
         device = next(iter(block.state_dict().values())).device
         missing, unexpected = block.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False)

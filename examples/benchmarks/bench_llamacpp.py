@@ -20,10 +20,14 @@ made in ``--work`` on a rerun):
 Every llama.cpp tool runs with ``--no-repack``: on CPUs that advertise AMX to a VM that does not enable it, ggml's AMX
 path faults; without repacking, the plain CPU kernels run (the perplexity is the same, only speed differs).
 
-Example (the recorded run)::
+This project's checkpoints for ``compare`` are made with ``DecoupleQConfig(gguf_type=...)`` (``--ours-*``): decoupleQ
+solved inside the GGML block structure, exported exactly.
+
+Example (the recorded runs)::
 
     python examples/benchmarks/bench_llamacpp.py agreement
-    python examples/benchmarks/bench_llamacpp.py compare --types q4_0 --imatrix-chunks 16 --chunks 10
+    python examples/benchmarks/bench_llamacpp.py compare --types q2_k_pure q4_0 q3_k_s --num-samples 16 \
+        --calib-seq-len 512 --imatrix-chunks 16 --chunks 4
 """
 
 from __future__ import annotations
@@ -281,13 +285,21 @@ def main() -> None:
     p.add_argument("--imatrix-chunks", type=int, default=128)
     p.add_argument(
         "--ours-q4-0",
-        default="bits=4,group_size=32,symmetric=true,blockwise=false",
-        help="this project's checkpoint for q4_0 (symmetric W4 g32 is exactly Q4_0; layer-wise only, because the "
-        "block-wise stage moves zeros off -8 s)",
+        default="gguf_type=q4_0",
+        help="this project's checkpoint for q4_0 (symmetric W4 g32 with fp16 scales is exactly Q4_0; the block-wise "
+        "stage keeps the zeros tied to -8 s)",
     )
+    p.add_argument("--ours-q2-k-pure", default="gguf_type=q2_k",
+                   help="checkpoint for q2_k_pure (Q2_K where K % 256 == 0, the Q4_0 fallback elsewhere)")
+    p.add_argument("--ours-q3-k-s", default="gguf_type=q3_k",
+                   help="checkpoint for q3_k_s (Q3_K where K % 256 == 0, the Q4_0 fallback elsewhere)")
+    p.add_argument("--ours-q4-k-s", default="gguf_type=q4_k",
+                   help="checkpoint for q4_k_s (Q4_K where K % 256 == 0, Q5_0 elsewhere; llama.cpp's Q4_K_S also "
+                   "uses Q5_K/Q5_1 tensors, which this project cannot hold exactly)")
     p.add_argument("--allow-lossy", action="store_true", help="export through requantization where not exact")
     args = p.parse_args()
-    args.ours_config = {"q4_0": args.ours_q4_0}
+    args.ours_config = {"q4_0": args.ours_q4_0, "q2_k_pure": args.ours_q2_k_pure, "q3_k_s": args.ours_q3_k_s,
+                        "q4_k_s": args.ours_q4_k_s}  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     Path(args.work).mkdir(parents=True, exist_ok=True)
     {"agreement": stage_agreement, "compare": stage_compare}[args.stage](args)

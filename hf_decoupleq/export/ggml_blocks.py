@@ -7,6 +7,8 @@ the tests compare against.
 
 * ``Q4_0`` (32 values, 18 bytes): fp16 ``d``, 16 bytes of nibbles; ``w = d (q - 8)``.
 * ``Q4_1`` (32 values, 20 bytes): fp16 ``d``, fp16 ``m``, 16 bytes of nibbles; ``w = d q + m``.
+* ``Q5_0`` (32 values, 22 bytes): fp16 ``d``, 4 bytes with the high bit of value ``j`` at bit ``j``, 16 bytes of
+  low nibbles; ``w = d (q - 16)``.
 * ``Q8_0`` (32 values, 34 bytes): fp16 ``d``, 32 int8; ``w = d q``.
   In all three, byte ``j`` of the nibbles holds value ``j`` (low nibble) and value ``j + 16`` (high nibble).
 * ``Q2_K`` (256 values, 84 bytes): 16 bytes of (4-bit scale | 4-bit min << 4) for 16 sub-blocks of 16, 64 bytes of
@@ -27,17 +29,21 @@ import numpy as np
 
 __all__ = [
     "BLOCK_SIZES",
+    "KQUANT_LEVELS",
+    "pack_kquant",
     "pack_q4_0",
     "pack_q4_1",
+    "pack_q5_0",
     "pack_q8_0",
     "quantize_k",
+    "recover_grid",
 ]
 
 QK = 32
 QK_K = 256
 # (values per block, bytes per block), as in gguf.GGML_QUANT_SIZES.
-BLOCK_SIZES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q2_K": (256, 84), "Q3_K": (256, 110),
-               "Q4_K": (256, 144)}  # fmt: skip
+BLOCK_SIZES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q8_0": (32, 34), "Q2_K": (256, 84),
+               "Q3_K": (256, 110), "Q4_K": (256, 144)}  # fmt: skip
 
 
 def _f16_bytes(x: np.ndarray) -> np.ndarray:
@@ -67,6 +73,16 @@ def pack_q4_0(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
     """``Q4_0`` bytes of codes ``[N, K]`` in ``[0, 15]`` with per-block ``d`` ``[N, K / 32]``: ``w = d (q - 8)``."""
     q = _blocks(codes, QK)
     out = np.concatenate([_f16_bytes(d), _nibbles32(q)], axis=-1)
+    return out.reshape(codes.shape[0], -1)
+
+
+def pack_q5_0(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """``Q5_0`` bytes of codes ``[N, K]`` in ``[0, 31]`` with per-block ``d`` ``[N, K / 32]``: ``w = d (q - 16)``."""
+    q = _blocks(codes, QK).astype(np.uint32)
+    high = ((q >> 4) & 1) << np.arange(QK, dtype=np.uint32)
+    qh = np.bitwise_or.reduce(high, axis=-1).astype("<u4")
+    qh_bytes = np.ascontiguousarray(qh).view(np.uint8).reshape(*qh.shape, 4)
+    out = np.concatenate([_f16_bytes(d), qh_bytes, _nibbles32(q & 0x0F)], axis=-1)
     return out.reshape(codes.shape[0], -1)
 
 
@@ -232,4 +248,79 @@ def quantize_k(w: np.ndarray, qtype: str) -> np.ndarray:
         out = _quantize_q3_k(x)
     else:
         raise ValueError(f"no k-quant quantizer for {qtype}")
+    return np.ascontiguousarray(out).reshape(n, -1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Exact k-quant packing of a checkpoint whose scales and zeros lie on the grid (DecoupleQConfig.gguf_type).
+# ---------------------------------------------------------------------------------------------------------------------
+
+# type -> (sub-block size, code bits, scale level range, min level range or None for the symmetric Q3_K)
+KQUANT_LEVELS = {
+    "Q2_K": (16, 2, (0, 15), (0, 15)),
+    "Q3_K": (16, 3, (-32, 31), None),
+    "Q4_K": (32, 4, (0, 63), (0, 63)),
+}
+
+
+def recover_grid(values: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Factor each row of ``values`` ``[R, n]`` as ``sup * lev`` with an fp16 ``sup`` and integers ``lev`` in
+    ``[lo, hi]``, exactly (in float64, which holds every such product of a float32 checkpoint exactly).
+
+    The value of largest magnitude is ``sup * c`` for some level ``c``; every candidate ``c`` is tried and the first
+    that factors the whole row is kept (any exact factorization dequantizes identically). An all-zero row is
+    ``0 * 0``.
+
+    Returns:
+        ``(sup [R], lev [R, n], ok [R])``: ``ok`` is False for rows that have no such factorization.
+    """
+    v = values.astype(np.float64)
+    r = v.shape[0]
+    peak = np.take_along_axis(v, np.abs(v).argmax(axis=-1)[:, None], axis=-1)[:, 0]
+    sup = np.zeros(r)
+    lev = np.zeros_like(v)
+    ok = peak == 0
+    for c in [c for c in range(lo, hi + 1) if c != 0]:
+        todo = ~ok
+        if not todo.any():
+            break
+        cand = peak / c
+        exact16 = cand.astype(np.float16).astype(np.float64) == cand
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lv = np.rint(v / cand[:, None])
+        fits = exact16 & np.all((lv >= lo) & (lv <= hi) & (lv * cand[:, None] == v), axis=-1) & (cand != 0)
+        take = todo & fits
+        sup[take] = cand[take]
+        lev[take] = lv[take]
+        ok |= take
+    return sup, lev, ok
+
+
+def pack_kquant(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, qtype: str) -> np.ndarray | str:
+    """``Q2_K``/``Q3_K``/``Q4_K`` bytes of a layer whose per-sub-block ``scales``, ``zeros`` ``[N, K / sub]`` lie on
+    the type's grid (``s = d sc``, ``z = -dmin m``; ``z = -4 s`` for ``Q3_K``), with codes ``[N, K]``.
+
+    Returns the bytes ``[N, K / 256 * type_size]``, or a string saying why the layer is not on the grid.
+    """
+    sub, bits, srange, mrange = KQUANT_LEVELS[qtype]
+    n, k = codes.shape
+    if k % QK_K:
+        return f"in_features {k} is not a multiple of {QK_K}"
+    nsub = QK_K // sub
+    rows = n * (k // QK_K)
+    s = scales.astype(np.float64).reshape(rows, nsub)
+    z = zeros.astype(np.float64).reshape(rows, nsub)
+    d, sc, ok = recover_grid(s, *srange)
+    if not ok.all():
+        return f"{int((~ok).sum())} of {rows} super-blocks have scales that are not fp16 d * {srange} integers"
+    q = codes.reshape(rows, QK_K)
+    if mrange is None:
+        if not np.array_equal(z, -4.0 * s):
+            return "zeros are not -4 * scales (Q3_K is symmetric)"
+        out = _pack_q3_k(q, sc, d)
+    else:
+        dmin, mn, ok = recover_grid(-z, *mrange)
+        if not ok.all():
+            return f"{int((~ok).sum())} of {rows} super-blocks have zeros that are not -fp16 dmin * {mrange} integers"
+        out = (_pack_q2_k if qtype == "Q2_K" else _pack_q4_k)(q, sc, mn, d, dmin)
     return np.ascontiguousarray(out).reshape(n, -1)

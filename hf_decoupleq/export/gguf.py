@@ -10,10 +10,14 @@ of 32 and checkpoints without incoherence processing:
 
 * ``Q4_1`` (``w = d q + m``): any checkpoint with ``bits <= 4`` (``d = s``, ``m = z`` per block of 32);
 * ``Q4_0`` (``w = d (q - 8)``): symmetric checkpoints (``z = -2**(bits-1) s``) with ``bits <= 4``;
-* ``Q8_0`` (``w = d q``): symmetric checkpoints with ``bits <= 8``.
+* ``Q8_0`` (``w = d q``): symmetric checkpoints with ``bits <= 8``;
+* ``Q5_0`` (``w = d (q - 16)``): symmetric checkpoints with ``bits <= 4`` (the fallback of ``Q4_K``);
+* ``Q2_K``, ``Q3_K``, ``Q4_K``: checkpoints made with ``DecoupleQConfig(gguf_type=...)``, whose float32 scales and
+  zeros lie on the k-quant grid: ``d``, ``sc``, ``dmin``, ``m`` are recovered exactly and the file holds exactly the
+  checkpoint's weights (no fp16 rounding left: the solver already rounded ``d`` and ``dmin``).
 
-Anything else (other group sizes, asymmetric to ``Q4_0``, the k-quants, rotated checkpoints) only goes through
-``lossy=True``: the dequantized weight is requantized to the type and the relative weight error it adds is logged.
+Anything else (other group sizes, asymmetric to ``Q4_0``, k-quants of other checkpoints, rotated checkpoints) only goes
+through ``lossy=True``: the dequantized weight is requantized to the type and the relative weight error it adds is logged.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import DecoupleQConfigError, UnsupportedModelError
-from .ggml_blocks import pack_q4_0, pack_q4_1, pack_q8_0, quantize_k
+from .ggml_blocks import KQUANT_LEVELS, pack_kquant, pack_q4_0, pack_q4_1, pack_q5_0, pack_q8_0, quantize_k
 
 logger = logging.getLogger(__name__)
 
@@ -298,8 +302,20 @@ def _exact_reason(layer: Any, qtype: str) -> str:
     k, bits, g = layer.in_features, layer.bits, layer.effective_group_size
     if getattr(layer, "hadamard_signs", None) is not None:
         return "rotated (incoherence processing)"
+    if qtype.upper() in KQUANT_LEVELS:
+        sub, kbits, _, _ = KQUANT_LEVELS[qtype.upper()]
+        if bits != kbits or g != sub or k % 256:
+            return (
+                f"{qtype.upper()} holds {kbits}-bit codes in sub-blocks of {sub} with K % 256 == 0, this layer is "
+                f"W{bits} g{g} with K={k} (quantize with gguf_type={qtype!r})"
+            )
+        result = _kquant_bytes(layer, qtype)
+        return result if isinstance(result, str) else ""
     if k % 32 or g % 32:
         return f"in_features {k} and group size {g} must be multiples of 32"
+    if qtype == "q5_0":
+        qtype_holds = "q4_0"  # a symmetric layer of <= 4 bits, codes shifted by 16 - 2**(bits-1)
+        return _exact_reason(layer, qtype_holds).replace("Q4_0", "Q5_0")
     if qtype not in ("q4_0", "q4_1", "q8_0"):
         return f"{qtype.upper()} does not hold a {bits}-bit g{g} checkpoint"
     limit = 8 if qtype == "q8_0" else 4
@@ -317,10 +333,25 @@ def _exact_reason(layer: Any, qtype: str) -> str:
     return ""
 
 
+def _kquant_bytes(layer: Any, qtype: str) -> np.ndarray | str:
+    """The layer's k-quant blocks, or why its scales and zeros are not on the grid of ``qtype``."""
+    from ..packing import unpack
+
+    if layer.scales.dtype != torch.float32:
+        return f"scales are {str(layer.scales.dtype).removeprefix('torch.')}, which cannot hold d * sc exactly " \
+            "(quantize a float32 model for an exact k-quant export)"
+    codes = unpack(layer.qweight, layer.bits, layer.in_features).numpy()
+    scales = layer.scales.detach().T.double().cpu().numpy()
+    zeros = layer.zeros.detach().T.double().cpu().numpy()
+    return pack_kquant(codes, scales, zeros, qtype.upper())
+
+
 def _exact_bytes(layer: Any, qtype: str) -> np.ndarray:
     """The layer's codes in ``qtype`` blocks (for a layer and type with an empty :func:`_exact_reason`)."""
     from ..packing import unpack
 
+    if qtype.upper() in KQUANT_LEVELS:
+        return _kquant_bytes(layer, qtype)
     k, bits, g = layer.in_features, layer.bits, layer.effective_group_size
     s = _per_block(layer.scales, g, k)
     codes = unpack(layer.qweight, bits, k).numpy().astype(np.int16)
@@ -329,6 +360,8 @@ def _exact_bytes(layer: Any, qtype: str) -> np.ndarray:
         return pack_q4_1(codes, s, _per_block(layer.zeros, g, k))
     if qtype == "q4_0":
         return pack_q4_0(codes + (8 - mid), s)
+    if qtype == "q5_0":
+        return pack_q5_0(codes + (16 - mid), s)
     return pack_q8_0(codes - mid, s)
 
 
@@ -361,6 +394,13 @@ def _check_type(name: str, value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def _checkpoint_gguf_type(config: Any) -> str | None:
+    """``gguf_type`` of the checkpoint's quantization config (a k-quant checkpoint exports as that type)."""
+    qc = getattr(config, "quantization_config", None)
+    value = qc.get("gguf_type") if isinstance(qc, dict) else getattr(qc, "gguf_type", None)
+    return str(value).lower() if value else None
+
+
 def _auto_type(layers: dict[str, Any]) -> str:
     """The exact type for a checkpoint's layers: Q4_0 for symmetric <= 4 bits, Q8_0 for symmetric 8 bits, else Q4_1."""
     for qtype in ("q4_0", "q8_0", "q4_1"):
@@ -389,7 +429,9 @@ def export_gguf(
             model whose quantized layers are `DecoupleQLinear` (then pass ``tokenizer``).
         path: the ``.gguf`` file to write (overwritten).
         quant_type (`str`, *optional*): GGML type of the quantized layers, one of `GGUF_TYPES`. `None` picks the type
-            that holds the checkpoint exactly (``q4_0`` for symmetric W4, ``q8_0`` for symmetric W8, else ``q4_1``).
+            that holds the checkpoint exactly: the checkpoint's ``gguf_type`` (with llama-quantize's fallback for
+            layers whose ``in_features`` is not a multiple of 256), else ``q4_0`` for symmetric W4, ``q8_0`` for symmetric W8,
+            else ``q4_1``.
         lossy (`bool`, defaults to `False`): allow layers the type cannot hold exactly (other group sizes, k-quants,
             asymmetric to ``q4_0``, rotated checkpoints): their dequantized weight is requantized to the type and the
             relative weight error is logged and reported. Without it such layers raise `DecoupleQConfigError`.
@@ -421,7 +463,7 @@ def export_gguf(
     model, tokenizer = _load(model_or_path, tokenizer)
     config = model.config
     arch, layers = _packed_layers(model, lossy)
-    default_type = quant_type or _auto_type(layers)
+    default_type = quant_type or _checkpoint_gguf_type(model.config) or _auto_type(layers)
     names = _Names(gguf, config, arch)
     plans = _plan_layers(layers, names, default_type, tensor_types, lossy)
 

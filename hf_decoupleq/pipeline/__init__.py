@@ -143,7 +143,7 @@ def _quantize_or_restore(
     """`quantize_block` (saving the result to `store`), or the block as `store` saved it in an earlier run."""
     index = kwargs["block_index"]
     if store is not None and store.has(index):
-        store.load_block(index, block, bits=config.bits, group_size=config.group_size)
+        store.load_block(index, block, bits=config.bits, group_size=config.group_size, gguf_type=config.gguf_type)
         logger.info("%s: restored from %s", kwargs["block_name"], config.checkpoint_dir)
         return store.stats(index)
     stats = quantize_block(block, inputs, config, **kwargs)

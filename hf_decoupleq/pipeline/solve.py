@@ -26,6 +26,7 @@ def _solve_kwargs(config: DecoupleQConfig) -> dict[str, Any]:
         "damp": config.damp,
         "symmetric": config.symmetric,
         "integer_zero": config.integer_zero,
+        "gguf_type": config.gguf_type,
     }
 
 

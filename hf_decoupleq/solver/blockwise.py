@@ -32,6 +32,12 @@ class FakeQuantLinear(nn.Module):
         hadamard_signs: optional int8 ``[in]`` signs of an incoherence transform ``V`` (:mod:`hf_decoupleq.hadamard`):
             the codes then quantize ``W V^T`` and ``forward`` computes ``(x V^T) W_hat^T``, so the layer still
             approximates ``x W^T``. :meth:`dequantize` and :attr:`weight` stay in the rotated basis.
+        symmetric: the zeros are tied to ``-2**(bits-1) * scales`` (the ``zeros`` parameter is then unused), so
+            training keeps a symmetric layer symmetric (what ``Q4_0`` export needs).
+        grid: a :class:`~hf_decoupleq.solver.kquant.KGrid`: ``scales``/``zeros`` are then latent values whose
+            projection onto the k-quant grid (levels re-rounded against the grid's fixed super-scales) is what the
+            layer computes with; gradients pass the rounding straight through. :meth:`snap_` writes the projection
+            into the parameters.
     """
 
     def __init__(
@@ -43,6 +49,8 @@ class FakeQuantLinear(nn.Module):
         bits: int,
         bias: torch.Tensor | None = None,
         hadamard_signs: torch.Tensor | None = None,
+        symmetric: bool = False,
+        grid: Any = None,
     ) -> None:
         super().__init__()
         if codes.dim() != 2:
@@ -74,6 +82,13 @@ class FakeQuantLinear(nn.Module):
 
             check_signs(hadamard_signs, in_features)
             self.register_buffer("hadamard_signs", hadamard_signs.detach().to(torch.int8).clone())
+        self.symmetric = bool(symmetric)
+        if grid is not None and (grid.fmt.bits != bits or grid.fmt.group_size != group_size):
+            raise DecoupleQConfigError(
+                f"grid of {grid.fmt.ggml_type} (W{grid.fmt.bits} g{grid.fmt.group_size}) does not match bits={bits}, "
+                f"group_size={group_size}"
+            )
+        self.grid = grid
         self._loss: torch.Tensor | None = None
         self._dense: tuple[tuple, torch.Tensor] | None = None
 
@@ -84,14 +99,37 @@ class FakeQuantLinear(nn.Module):
         """Build from a :class:`QuantResult` (remembering its proxy loss for :meth:`to_result`)."""
         mod = cls(
             result.codes, result.scales, result.zeros, result.group_size, result.bits, bias=bias,
-            hadamard_signs=hadamard_signs,
+            hadamard_signs=hadamard_signs, symmetric=getattr(result, "symmetric", False),
+            grid=getattr(result, "grid", None),
         )  # fmt: skip
         mod._loss = result.loss
         return mod
 
+    def effective_scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scales and zeros the layer computes with: the parameters, projected onto ``grid`` (straight-through)
+        and with zeros tied to the scales when ``symmetric``."""
+        s, z = self.scales, self.zeros
+        if self.grid is not None:
+            ps, pz = self.grid.to(s.device).project(s.detach(), z.detach())
+            s = s + (ps - s).detach()
+            z = z + (pz - z).detach()
+        if self.symmetric:
+            z = s * -float(1 << (self.bits - 1))
+        return s, z
+
+    @torch.no_grad()
+    def snap_(self) -> None:
+        """Write :meth:`effective_scales_zeros` into the parameters (a no-op for a free, asymmetric layer)."""
+        if self.grid is None and not self.symmetric:
+            return
+        s, z = self.effective_scales_zeros()
+        self.scales.copy_(s)
+        self.zeros.copy_(z)
+
     def dequantize(self) -> torch.Tensor:
         """``W_hat`` ``[out, in]`` float32, differentiable in ``scales`` and ``zeros``."""
-        return dequantize(self.codes, self.scales, self.zeros, self.group_size)
+        s, z = self.effective_scales_zeros()
+        return dequantize(self.codes, s, z, self.group_size)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -132,14 +170,17 @@ class FakeQuantLinear(nn.Module):
         loss = self._loss
         if loss is None:
             loss = torch.full((self.out_features,), math.nan, dtype=torch.float64)
+        s, z = self.effective_scales_zeros()
         return QuantResult(
             codes=self.codes.clone(),
-            scales=self.scales.detach().float().clone(),
-            zeros=self.zeros.detach().float().clone(),
+            scales=s.detach().float().clone(),
+            zeros=z.detach().float().clone(),
             loss=loss,
             bits=self.bits,
             group_size=self.group_size,
             stats={"refined": True},
+            symmetric=self.symmetric,
+            grid=self.grid,
         )
 
     def extra_repr(self) -> str:
@@ -147,6 +188,8 @@ class FakeQuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, bias={self.bias is not None}, "
             f"incoherence={self.hadamard_signs is not None}"
+            + (", symmetric=True" if self.symmetric else "")
+            + (f", grid={self.grid.fmt.ggml_type}" if self.grid is not None else "")
         )
 
 
@@ -345,6 +388,10 @@ def refine_block(
         else:
             opt = _SignSGD(params, _sign_units(block, params), lr=lr, total_steps=epochs * len(steps))
         epoch_losses, diverged = _train(objective, opt, params, steps, epochs=epochs, seed=seed, grad_clip=grad_clip)
+        # Layers on a grid (k-quants) or with tied zeros (symmetric) trained latent values: store what they compute.
+        for module in block.modules():
+            if isinstance(module, FakeQuantLinear):
+                module.snap_()
         final_outputs: list[torch.Tensor] | None = [] if return_outputs else None
         final = math.inf if diverged else objective.evaluate(final_outputs)
         if final <= initial:

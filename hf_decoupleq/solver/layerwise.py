@@ -46,6 +46,9 @@ class QuantResult:
         bits: code width.
         group_size: effective group size in columns (``in`` when per-channel).
         stats: solver diagnostics (method, rounds run, dampening used, time, total loss per stage).
+        symmetric: zeros are tied to ``-2**(bits-1) * scales`` (the block-wise stage keeps them tied).
+        grid: for a k-quant layer (:mod:`hf_decoupleq.solver.kquant`), its :class:`~hf_decoupleq.solver.kquant.KGrid`
+            (super-scales); the block-wise stage keeps the scales and zeros on it.
     """
 
     codes: torch.Tensor
@@ -55,6 +58,8 @@ class QuantResult:
     bits: int
     group_size: int
     stats: dict[str, Any] = field(default_factory=dict)
+    symmetric: bool = False
+    grid: Any = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -314,6 +319,7 @@ def solve_layer(
     compute_dtype: torch.dtype = torch.float32,
     clip_dtype: torch.dtype | None = None,
     cd_sweeps: int = 0,
+    gguf_type: str | None = None,
 ) -> QuantResult:
     """Quantize one linear layer's weight against its input Hessian (method.md, layer-wise stage).
 
@@ -344,6 +350,10 @@ def solve_layer(
             always lower the proxy loss, but on SmolLM2 W2 g64 (layer-wise only, 32 calibration windows, 4 test
             windows) one sweep changed perplexity 231 -> 207 without incoherence and 93.8 -> 98.5 with it, for
             35-70% more quantization time, so it is off by default and not a `DecoupleQConfig` option.
+        gguf_type: solve inside a llama.cpp block structure instead (``"q2_k"``, ``"q3_k"``, ``"q4_k"``, ``"q4_0"``;
+            :mod:`hf_decoupleq.solver.kquant`): ``bits``, ``group_size`` and ``symmetric`` then come from the type and
+            the layer's ``in_features`` (a k-quant, or llama-quantize's fallback type when ``in_features`` is not a
+            multiple of 256), and ``integer_zero`` must be False.
 
     Returns:
         A :class:`QuantResult`; ``loss`` is evaluated in float64 with the undamped ``H``.
@@ -352,6 +362,29 @@ def solve_layer(
         DecoupleQConfigError: an argument is not allowed.
         DecoupleQNumericalError: NaN/Inf in ``weight`` or ``H``, or ``H`` stays singular after dampening.
     """
+    if gguf_type is not None:
+        from .kquant import layer_format, solve_layer_kquant
+
+        if integer_zero:
+            raise DecoupleQConfigError(f"layer {name!r}: gguf_type={gguf_type!r} needs integer_zero=False")
+        fmt = layer_format(gguf_type, weight.shape[-1] if torch.is_tensor(weight) else 0, name)
+        if fmt.fallback_from is not None:
+            logger.info(
+                "layer %s: in_features=%d is not a multiple of 256, so %s falls back to %s (as llama-quantize does): "
+                "solved as symmetric W%d g%d", name, weight.shape[-1], fmt.fallback_from.upper(),
+                fmt.ggml_type.upper(), fmt.bits, fmt.group_size,
+            )  # fmt: skip
+        if fmt.is_kquant:
+            return solve_layer_kquant(
+                weight, H, fmt, method=method, rounds=rounds, act_order=act_order, damp=damp, name=name,
+                compute_dtype=compute_dtype, clip_dtype=clip_dtype, grid_steps=grid_steps,
+            )  # fmt: skip
+        from .kquant import solve_layer_block32
+
+        return solve_layer_block32(
+            weight, H, fmt, method=method, rounds=rounds, act_order=act_order, damp=damp, name=name,
+            compute_dtype=compute_dtype, clip_dtype=clip_dtype, grid_steps=grid_steps,
+        )  # fmt: skip
     t0 = time.perf_counter()
     _validate(weight, H, bits, group_size, method, rounds, damp, compute_dtype, block_size, name, cd_sweeps)
     k = weight.shape[1]
@@ -397,7 +430,10 @@ def solve_layer(
         "layer %s %s: W%d g%d %s mean proxy loss %.4g (%.2fs)",
         name, tuple(weight.shape), bits, g, method, float(final.mean()), stats["time_s"],
     )  # fmt: skip
-    return QuantResult(codes=codes_u8, scales=scales, zeros=zeros, loss=final, bits=bits, group_size=g, stats=stats)
+    return QuantResult(
+        codes=codes_u8, scales=scales, zeros=zeros, loss=final, bits=bits, group_size=g, stats=stats,
+        symmetric=symmetric,
+    )
 
 
 @dataclass(frozen=True, eq=False)

@@ -128,6 +128,12 @@ class DecoupleQVllmConfig(QuantizationConfig):
         method = str(config.get("quant_method", QUANT_METHOD)).lower()
         if method != QUANT_METHOD:
             raise DecoupleQConfigError(f"quant_method={method!r} is not {QUANT_METHOD!r}")
+        if config.get("gguf_type"):
+            raise DecoupleQConfigError(
+                f"this checkpoint was quantized with gguf_type={config['gguf_type']!r}: its layers differ in bits and "
+                "group size (the k-quant and its fallback type), which this vLLM plugin does not serve; export it "
+                "with `decoupleq export DIR --format gguf` and run it with llama.cpp"
+            )
         return cls(
             bits=cls.get_from_keys(config, ["bits"]),
             group_size=cls.get_from_keys(config, ["group_size"]),

@@ -1,0 +1,302 @@
+"""decoupleQ inside llama.cpp's k-quant structures (`DecoupleQConfig(gguf_type=...)`): config validation, the fallback
+rule, grid membership of the solver's scales and zeros, the block-wise stage keeping the grid (and symmetric zeros
+tied), and the exact export, checked per weight against gguf-py's dequantization of the written file."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from conftest import WIKI_VALID
+
+gguf = pytest.importorskip("gguf")
+
+import hf_decoupleq
+from hf_decoupleq import DecoupleQConfig, DecoupleQLinear
+from hf_decoupleq.errors import DecoupleQConfigError
+from hf_decoupleq.export import export_gguf
+from hf_decoupleq.export.ggml_blocks import pack_q5_0, quantize_k, recover_grid
+from hf_decoupleq.solver import FakeQuantLinear, refine_block, solve_layer
+from hf_decoupleq.solver.kquant import layer_format
+
+# type -> (code bits, sub-block, scale level range, min level range or None when symmetric)
+GRIDS = {"q2_k": (2, 16, (0, 15), (0, 15)), "q3_k": (3, 16, (-32, 31), None), "q4_k": (4, 32, (0, 63), (0, 63))}
+
+
+def _problem(n=24, k=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2048, k, generator=g) * torch.linspace(0.3, 2.0, k)
+    x = x @ (torch.eye(k) + 0.3 * torch.randn(k, k, generator=g) / k**0.5)  # correlated inputs, as in real layers
+    h = (x.T @ x / x.shape[0]).double()
+    w = torch.randn(n, k, generator=g) * 0.02
+    w[:, :64] *= 4  # uneven magnitudes across super-blocks
+    return w, h
+
+
+def _is_fp16(x: torch.Tensor) -> bool:
+    x = x.double()
+    return bool(torch.equal(x.half().double(), x))
+
+
+def _check_on_grid(result, gguf_type):
+    """Brute force: every super-block's scales are an fp16 d times integers in range (and the zeros likewise, or
+    tied to -4 s), re-derived from the stored values, not from the solver's own grid object."""
+    bits, sub, srange, mrange = GRIDS[gguf_type]
+    assert (result.bits, result.group_size) == (bits, sub)
+    n, k = result.codes.shape
+    s = result.scales.double().reshape(n * k // 256, 256 // sub).numpy()
+    z = result.zeros.double().reshape(n * k // 256, 256 // sub).numpy()
+    d, sc, ok = recover_grid(s, *srange)
+    assert ok.all() and np.array_equal(d[:, None] * sc, s)
+    assert np.all(sc != 0)  # the solver never makes a zero scale
+    if mrange is None:
+        assert np.array_equal(z, -4 * s)
+    else:
+        dmin, m, ok = recover_grid(-z, *mrange)
+        assert ok.all() and np.array_equal(-dmin[:, None] * m, z)
+    # The grid object agrees with the stored values.
+    assert _is_fp16(result.grid.d) and _is_fp16(result.grid.dmin)
+    ps, pz = result.grid.project(result.scales, result.zeros)
+    assert torch.equal(ps, result.scales) and torch.equal(pz, result.zeros)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config and the fallback rule
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("gguf_type", "bits", "group_size", "symmetric"),
+    [("q2_k", 2, 16, False), ("q3_k", 3, 16, True), ("q4_k", 4, 32, False), ("q4_0", 4, 32, True)],
+)
+def test_config_sets_the_layer_shape_from_the_type(gguf_type, bits, group_size, symmetric):
+    cfg = DecoupleQConfig(gguf_type=gguf_type.upper(), incoherence=False)
+    assert (cfg.gguf_type, cfg.bits, cfg.group_size, cfg.symmetric) == (gguf_type, bits, group_size, symmetric)
+    # Matching explicit values are accepted, and the config round-trips through its dict.
+    DecoupleQConfig(gguf_type=gguf_type, incoherence=False, bits=bits, group_size=group_size, symmetric=symmetric)
+    again = DecoupleQConfig.from_dict(cfg.to_dict())
+    assert again.gguf_type == gguf_type and again.bits == bits
+    assert cfg.result_fingerprint()["gguf_type"] == gguf_type
+
+
+def test_config_table_agrees_with_the_solver():
+    from hf_decoupleq.config import GGUF_LAYERS
+    from hf_decoupleq.solver.kquant import GGUF_TYPES
+
+    assert tuple(GGUF_LAYERS) == GGUF_TYPES
+    for t, shape in GGUF_LAYERS.items():
+        fmt = layer_format(t, 256)
+        assert (fmt.bits, fmt.group_size, fmt.symmetric) == shape
+
+
+def test_config_refuses_bad_gguf_settings():
+    with pytest.raises(DecoupleQConfigError, match=r"gguf_type='q5_k'.*allowed"):
+        DecoupleQConfig(gguf_type="q5_k", incoherence=False)
+    with pytest.raises(DecoupleQConfigError, match="needs incoherence=False"):
+        DecoupleQConfig(gguf_type="q2_k")
+    with pytest.raises(DecoupleQConfigError, match=r"bits=4.*stores bits=2"):
+        DecoupleQConfig(gguf_type="q2_k", incoherence=False, bits=4)
+    with pytest.raises(DecoupleQConfigError, match=r"group_size=128.*stores group_size=16"):
+        DecoupleQConfig(gguf_type="q3_k", incoherence=False, group_size=128)
+    with pytest.raises(DecoupleQConfigError, match="integer_zero"):
+        DecoupleQConfig(gguf_type="q4_k", incoherence=False, integer_zero=True)
+    assert DecoupleQConfig().gguf_type is None
+
+
+def test_fallback_rule_is_llama_quantizes():
+    # llama.cpp (src/llama-quant.cpp, tensor_type_fallback): Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0 when K % 256 != 0.
+    assert layer_format("q2_k", 1536).ggml_type == "q2_k"
+    for t, fb in (("q2_k", "q4_0"), ("q3_k", "q4_0"), ("q4_k", "q5_0")):
+        fmt = layer_format(t, 576)
+        assert (fmt.ggml_type, fmt.fallback_from, fmt.bits, fmt.group_size, fmt.symmetric) == (fb, t, 4, 32, True)
+    assert layer_format("q4_0", 512).ggml_type == "q4_0"
+    with pytest.raises(DecoupleQConfigError, match=r"in_features=100.*modules_to_not_convert"):
+        layer_format("q2_k", 100, "mlp.down_proj")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Solver
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gguf_type", sorted(GRIDS))
+def test_solver_stays_on_the_grid_and_beats_round_to_nearest(gguf_type):
+    w, h = _problem()
+    res = solve_layer(w, h, gguf_type=gguf_type, rounds=2)
+    _check_on_grid(res, gguf_type)
+    assert res.codes.max() <= (1 << res.bits) - 1
+    # Its loss is the float64 H-weighted loss of exactly what it stores.
+    err = (w.double() - res.dequantize().double())
+    assert torch.allclose(res.loss, ((err @ h) * err).sum(1), rtol=1e-9, atol=0)
+    # Better than the same grid with round-to-nearest, and than an H-blind k-quant quantizer (numpy, read back by
+    # gguf-py) on the same weights.
+    rtn = solve_layer(w, h, gguf_type=gguf_type, method="rtn")
+    _check_on_grid(rtn, gguf_type)
+    blind = torch.from_numpy(
+        gguf.quants.dequantize(quantize_k(w.numpy(), gguf_type.upper()), gguf.GGMLQuantizationType[gguf_type.upper()])
+    ).double().reshape(w.shape)
+    blind_loss = (((w.double() - blind) @ h) * (w.double() - blind)).sum()
+    assert res.loss.sum() < 0.9 * rtn.loss.sum()
+    assert res.loss.sum() < 0.9 * blind_loss
+
+
+def test_fallback_layers_are_symmetric_with_fp16_scales(caplog):
+    w, h = _problem(k=320)
+    with caplog.at_level(logging.INFO, logger="hf_decoupleq.solver.layerwise"):
+        res = solve_layer(w, h, gguf_type="q2_k", name="blk.mlp.down_proj")
+    assert "blk.mlp.down_proj" in caplog.text and "Q2_K falls back to Q4_0" in caplog.text
+    assert (res.bits, res.group_size, res.symmetric) == (4, 32, True)
+    assert _is_fp16(res.scales) and torch.equal(res.zeros, -8 * res.scales)
+
+
+def test_blockwise_stage_keeps_the_grid_and_ties_symmetric_zeros():
+    """One tiny 'block' of a k-quant layer and a symmetric layer, trained against targets from a perturbed weight:
+    the loss drops, and what comes out is still on the grid / still symmetric."""
+    torch.manual_seed(0)
+    w, h = _problem(n=32, k=256)
+    kq = solve_layer(w, h, gguf_type="q2_k", rounds=1)
+    sym = solve_layer(w[:, :32].contiguous(), h[:32, :32], bits=4, group_size=32, symmetric=True, rounds=1)
+    assert sym.symmetric
+    block = torch.nn.Sequential(FakeQuantLinear.from_result(kq), torch.nn.GELU(), FakeQuantLinear.from_result(sym))
+    assert block[0].grid is kq.grid and block[2].symmetric
+    target_block = torch.nn.Sequential(torch.nn.Linear(256, 32, bias=False), torch.nn.GELU(),
+                                       torch.nn.Linear(32, 32, bias=False))  # fmt: skip
+    inputs = [torch.randn(4, 8, 256) for _ in range(8)]
+    with torch.no_grad():
+        target_block[0].weight.copy_(w * 1.05)
+        target_block[2].weight.copy_(w[:, :32] * 0.95)
+        targets = [target_block(x) for x in inputs]
+    result = refine_block(block, inputs, targets, lr=5e-3, epochs=3, optimizer="signsgd", train_norms=False)
+    assert result.final_loss < result.initial_loss and not result.restored
+    after = block[0].to_result()
+    _check_on_grid(after, "q2_k")
+    assert torch.equal(after.grid.d, kq.grid.d)
+    assert not torch.equal(after.scales, kq.scales)  # it did move, along the grid
+    assert torch.equal(block[0].scales.detach(), after.scales)  # snapped
+    sym_after = block[2].to_result()
+    assert torch.equal(sym_after.zeros, -8 * sym_after.scales) and not torch.equal(sym_after.scales, sym.scales)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_recover_grid_brute_force():
+    rng = np.random.default_rng(0)
+    d = rng.uniform(1e-4, 1e-2, 200).astype(np.float16).astype(np.float64)
+    lev = rng.integers(-32, 32, (200, 16)).astype(np.float64)
+    lev[:, 0] = -32  # some rows peak at the long end
+    v = (d[:, None] * lev).astype(np.float32).astype(np.float64)  # a float32 checkpoint holds these exactly
+    sup, got, ok = recover_grid(v, -32, 31)
+    assert ok.all() and np.array_equal(sup[:, None] * got, v) and got.min() >= -32 and got.max() <= 31
+    off = v.copy()
+    off[:5, 3] *= 1.0001  # off the grid
+    assert not recover_grid(off, -32, 31)[2][:5].any()
+    zeros = np.zeros((3, 16))
+    sup, got, ok = recover_grid(zeros, 0, 15)
+    assert ok.all() and not got.any()
+
+
+def test_q5_0_blocks_read_back_by_gguf():
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 32, (6, 64))
+    d = rng.uniform(1e-3, 1e-1, (6, 2)).astype(np.float16).astype(np.float32)
+    out = gguf.quants.dequantize(pack_q5_0(codes, d), gguf.GGMLQuantizationType.Q5_0).reshape(6, 64)
+    assert np.array_equal(out, np.repeat(d, 32, axis=1) * (codes - 16))
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer(wiki_text):
+    from test_gguf_export import _bpe_tokenizer
+
+    return _bpe_tokenizer(wiki_text[:50_000])
+
+
+def _tiny_kquant_model(tokenizer, gguf_type):
+    """hidden 64 (q/k/v/o/gate/up fall back: K = 64), intermediate 256 (down_proj is a k-quant), as in SmolLM2."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, max_position_embeddings=256,
+        intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    qc = DecoupleQConfig(gguf_type=gguf_type, incoherence=False, dataset=str(WIKI_VALID), num_samples=4, seq_len=32,
+                         rounds=1, blockwise_lr=1e-3)  # fmt: skip
+    hf_decoupleq.quantize(model, qc, tokenizer=tokenizer)
+    return model, qc
+
+
+@pytest.mark.parametrize(("gguf_type", "fallback"), [("q2_k", "Q4_0"), ("q3_k", "Q4_0"), ("q4_k", "Q5_0")])
+def test_export_holds_exactly_the_solvers_weights(bpe_tokenizer, tmp_path, caplog, gguf_type, fallback):
+    from test_gguf_export import _file_weight, _read, _unpermute
+
+    with caplog.at_level(logging.INFO, logger="hf_decoupleq"):
+        model, qc = _tiny_kquant_model(bpe_tokenizer, gguf_type)
+    assert f"down_proj: in_features" not in caplog.text
+    assert f"q_proj: in_features=64 is not a multiple of 256, so {gguf_type.upper()} falls back to {fallback}" \
+        in caplog.text
+    blocks = qc.quantization_stats["blocks"]
+    assert all(b["blockwise_final_mse"] <= b["blockwise_initial_mse"] for b in blocks)
+    path = tmp_path / f"{gguf_type}.gguf"
+    report = export_gguf(model, path, tokenizer=bpe_tokenizer)  # the type comes from the checkpoint's config
+    assert report.type_counts() == {"F16": 2, "F32": 5, fallback: 12, gguf_type.upper(): 2}
+    assert not report.lossy and report.rel_error == 0.0
+    _, tensors = _read(path)
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}  # fmt: skip
+    for name, layer in model.named_modules():
+        if not isinstance(layer, DecoupleQLinear):
+            continue
+        t = tensors[f"blk.{name.split('.')[2]}.{names[name.rsplit('.', 1)[1]]}.weight"]
+        expected = gguf_type.upper() if name.endswith("down_proj") else fallback
+        assert t.tensor_type.name == expected
+        w = _file_weight(t)
+        if name.endswith("q_proj"):
+            w = _unpermute(w, 4)
+        elif name.endswith("k_proj"):
+            w = _unpermute(w, 2)
+        # Per weight, exactly: the solver already rounded d/dmin (and the fallback layers' scales) to fp16.
+        assert np.array_equal(w, layer.dequantize_weight().double().numpy()), name
+
+
+def test_kquant_checkpoint_reloads_with_per_layer_shapes(bpe_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = _tiny_kquant_model(bpe_tokenizer, "q2_k")
+    model.save_pretrained(tmp_path / "ckpt")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    for name, layer in model.named_modules():
+        if isinstance(layer, DecoupleQLinear):
+            other = again.get_submodule(name)
+            assert (other.bits, other.effective_group_size) == (layer.bits, layer.effective_group_size)
+            assert torch.equal(other.dequantize_weight(), layer.dequantize_weight())
+    ids = torch.tensor([[1, 5, 9, 3]])
+    assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_symmetric_checkpoint_with_blockwise_stage_exports_to_q4_0(bpe_tokenizer, tmp_path):
+    from conftest import build_tiny_model, small_config
+    from test_gguf_export import _check_layers_match
+
+    model = build_tiny_model("llama", vocab_size=len(bpe_tokenizer))
+    cfg = small_config(bits=4, group_size=32, symmetric=True, incoherence=False, rounds=1, blockwise_lr=1e-3)
+    hf_decoupleq.quantize(model, cfg, tokenizer=bpe_tokenizer)
+    assert all(b["blockwise_final_mse"] < b["blockwise_initial_mse"] for b in cfg.quantization_stats["blocks"])
+    path = tmp_path / "sym.gguf"
+    report = export_gguf(model, path, "q4_0", tokenizer=bpe_tokenizer)
+    assert not report.lossy
+    _check_layers_match(model, path, 4, 2, "Q4_0")
+
+
+def test_kquant_export_refuses_layers_off_the_grid(bpe_tokenizer, tmp_path):
+    from conftest import build_tiny_model, small_config
+
+    model = build_tiny_model("llama", vocab_size=len(bpe_tokenizer))
+    # A plain W2 g16 checkpoint of a model whose layers have K = 64 or 128: not Q2_K-shaped.
+    hf_decoupleq.quantize(model, small_config(incoherence=False, blockwise=False, rounds=0), tokenizer=bpe_tokenizer)
+    with pytest.raises(DecoupleQConfigError, match="not exactly representable"):
+        export_gguf(model, tmp_path / "x.gguf", "q4_1", tokenizer=bpe_tokenizer,
+                    tensor_types={"blk.*.ffn_down.weight": "q2_k"})  # fmt: skip
