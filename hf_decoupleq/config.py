@@ -346,7 +346,9 @@ class DecoupleQConfig(QuantizationConfigMixin):
         if self.gguf_type not in GGUF_LAYERS:
             fail("gguf_type", f"use None or one of {list(GGUF_LAYERS)}")
         bits, group_size, symmetric = GGUF_LAYERS[self.gguf_type]
-        for field, default, wanted in (("bits", 2, bits), ("group_size", 64, group_size), ("symmetric", False, symmetric)):
+        for field, default, wanted in (
+            ("bits", 2, bits), ("group_size", 64, group_size), ("symmetric", False, symmetric)
+        ):
             value = getattr(self, field)
             if value != default and value != wanted:
                 fail(field, f"gguf_type={self.gguf_type!r} stores {field}={wanted!r}; leave {field} at its default")
