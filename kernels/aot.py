@@ -26,6 +26,7 @@ import contextlib
 import io
 import itertools
 import json
+import logging
 import os
 import re
 import subprocess
@@ -44,6 +45,8 @@ from .configs import (
     decode_configs,
     hadamard_launch,
 )
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Job", "ci_jobs", "compile_job", "full_jobs", "main", "summarize"]
 
@@ -288,6 +291,7 @@ def _csv_ints(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=_csv_ints, default=(80, 90), help="compute capabilities, e.g. 80,90")
     parser.add_argument("--bits", type=_csv_ints, default=(2, 3, 4))
@@ -329,11 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary:
         with open(args.summary, "w") as f:
             f.write(text + "\n")
-    print(text)
+    sys.stdout.write(text + "\n")  # the command's product (read by tests/test_aot.py and aot_sweep.sh)
     for r in records:
         if not r["ok"]:
             where = {k: v for k, v in r.items() if k != "error"}
-            print(f"FAILED {json.dumps(where)}: {r['error'][-500:]}", file=sys.stderr)
+            logger.error("FAILED %s: %s", json.dumps(where), r["error"][-500:])
     decode_spills = summary["kernels"].get("gemv", {}).get("with_spills", [])
     if summary["failed"] or (args.fail_on_decode_spills and decode_spills):
         return 1
