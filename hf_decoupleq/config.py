@@ -135,7 +135,8 @@ class DecoupleQConfig(QuantizationConfigMixin):
         e2e_epochs (`float`, defaults to 1.0): passes over the calibration windows of the end-to-end stage, which
             runs after every block is quantized and trains scales, zeros (and norms) of the whole model against
             the full-precision model's next-token distribution (KL), codes frozen; fractions allowed, 0 turns it
-            off. Kept only if it lowers the KL on a few calibration windows (see `hf_decoupleq.e2e`).
+            off. Kept only if it lowers the KL on a few calibration windows (see `hf_decoupleq.e2e`). Not run with
+            `gguf_type` (it would move scales and mins off the GGUF grid; the log says it was skipped).
         e2e_lr (`float`, defaults to 3e-4): Adam step size of the end-to-end stage for scales and zeros (norm
             weights use 5x this), with a 5% warm-up and cosine decay.
         num_samples (`int`, defaults to 128), seq_len (`int`, defaults to 2048): calibration windows.

@@ -25,6 +25,10 @@ def end_to_end_teacher(
     the stage is off or cannot run on this model (the log says why)."""
     if config.e2e_epochs <= 0:
         return None
+    if config.gguf_type is not None:
+        # The stage trains scales and zeros freely; a gguf_type checkpoint must keep them on the GGUF grid.
+        logger.info("end-to-end stage skipped: gguf_type=%r keeps scales and mins on the GGUF grid", config.gguf_type)
+        return None
     reason = end_to_end_supported(model)
     if reason is not None:
         logger.warning("end-to-end stage skipped: %s", reason)
