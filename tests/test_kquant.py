@@ -213,7 +213,7 @@ def bpe_tokenizer(wiki_text):
     return _bpe_tokenizer(wiki_text[:50_000])
 
 
-def _tiny_kquant_model(tokenizer, gguf_type):
+def _tiny_kquant_model(tokenizer, gguf_type, initializer_range=0.02):
     """hidden 64 (q/k/v/o/gate/up fall back: K = 64), intermediate 256 (down_proj is a k-quant), as in SmolLM2."""
     import transformers
 
@@ -221,6 +221,7 @@ def _tiny_kquant_model(tokenizer, gguf_type):
     cfg = transformers.LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, max_position_embeddings=256,
         intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        initializer_range=initializer_range,
     )  # fmt: skip
     model = transformers.LlamaForCausalLM(cfg).eval()
     qc = DecoupleQConfig(gguf_type=gguf_type, incoherence=False, dataset=str(WIKI_VALID), num_samples=4, seq_len=32,
@@ -262,6 +263,17 @@ def test_export_holds_exactly_the_solvers_weights(bpe_tokenizer, tmp_path, caplo
             w = _unpermute(w, 2)
         # Per weight, exactly: the solver already rounded d/dmin (and the fallback layers' scales) to fp16.
         assert np.array_equal(w, layer.dequantize_weight().double().numpy()), name
+
+
+@pytest.mark.parametrize("gguf_type", ["q2_k", "q3_k", "q4_k"])
+def test_llama_cpp_generates_with_kquant_file(bpe_tokenizer, tmp_path, gguf_type):
+    """llama.cpp runs the k-quant file (k-quant ffn_down, fallback Q4_0/Q5_0 elsewhere) and continues as we do."""
+    from test_gguf_export import check_llama_cpp_greedy
+
+    model, _ = _tiny_kquant_model(bpe_tokenizer, gguf_type)
+    path = tmp_path / f"{gguf_type}.gguf"
+    export_gguf(model, path, tokenizer=bpe_tokenizer)
+    check_llama_cpp_greedy(model, bpe_tokenizer, path)
 
 
 def test_kquant_checkpoint_reloads_with_per_layer_shapes(bpe_tokenizer, tmp_path):
