@@ -218,12 +218,14 @@ def train_end_to_end(
     device: torch.device,
     seed: int,
     check_windows: int = 16,
+    relative: bool = False,
 ) -> dict[str, Any]:
     """Train scales, zeros (and norms) of the quantized ``model`` in place against ``teacher``; return statistics.
 
     One Adam step per calibration window, windows in a seeded random order, ``epochs`` passes (fractions allowed),
     cosine decay after a 5% warm-up. ``check_windows`` windows (every k-th) measure the loss before and after; the
-    trained values are kept only if it went down.
+    trained values are kept only if it went down. ``relative=True`` gives each packed layer its own step size,
+    ``lr`` times the mean magnitude of its scales (an ablation, not the pipeline's setting: docs/benchmarks.md).
     """
     t0 = time.perf_counter()
     decoder, head = _parts(model)
@@ -240,7 +242,15 @@ def train_end_to_end(
     trainable = _Trainable(model, train_norms)
     total = max(round(epochs * len(pairs)), 1)
     warmup = max(total // 20, 1)
-    groups = [{"params": trainable.quant_params, "lr": lr}]
+    if relative:
+        # A layer's step is ``lr`` times the mean magnitude of its scales: scales of 2-, 3- and 4-bit layers differ
+        # by their number of levels, and layers of one model by an order of magnitude.
+        groups = [
+            {"params": [scales, zeros], "lr": lr * float(scales.detach().abs().mean())}
+            for scales, zeros in zip(trainable.quant_params[0::2], trainable.quant_params[1::2])
+        ]
+    else:
+        groups = [{"params": trainable.quant_params, "lr": lr}]
     if trainable.norms:
         groups.append({"params": trainable.norm_params, "lr": norm_lr})
     optimizer = torch.optim.Adam(groups, betas=(0.9, 0.95))

@@ -125,3 +125,30 @@ def test_pipeline_runs_the_stage_and_the_result_reloads(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     with torch.no_grad():
         assert torch.equal(reloaded(windows).logits, on(windows).logits)
+
+
+def test_relative_step_size_scales_with_each_layers_scales():
+    """relative=True: Adam's first step moves each value by at most lr * mean|scales| of its own layer (a sign step)."""
+    fp, q = _quantized_pair()
+    windows = _windows(8, 32)
+    layers = {n: m for n, m in q.named_modules() if isinstance(m, DecoupleQLinear)}
+    before = {n: (m.scales.detach().clone(), m.zeros.detach().clone()) for n, m in layers.items()}
+    teacher = capture_teacher(fp, windows, batch_size=4, compute_dtype=None, device=CPU)
+    lr = 1e-3  # small enough that the one step lowers the check loss (otherwise the stage reverts it)
+    stats = train_end_to_end(  # one step (of 8 windows), at the full step size (1-step warm-up)
+        q, windows, teacher, epochs=1 / 8, lr=lr, norm_lr=1e-4, train_norms=True, compute_dtype=None, device=CPU,
+        seed=0, check_windows=2, relative=True,
+    )
+    assert stats["steps"] == 1 and stats["kept"]
+    mags = [float(s.abs().mean()) for s, _ in before.values()]
+    # The layers' mean |scales| differ by far more than the tolerance below, so one step size for all would fail.
+    assert max(mags) > 1.02 * min(mags)
+    for name, m in layers.items():
+        s0, z0 = before[name]
+        step = lr * float(s0.abs().mean())
+        for new, old in ((m.scales, s0), (m.zeros, z0)):
+            delta = (new.detach() - old).abs()
+            # Adam's first update is lr * g / (|g| + eps): the group's step size wherever the gradient is not tiny
+            # (tolerance: float32 rounding of values ~1000x the step).
+            assert float(delta.max()) <= step * (1 + 1e-3), name
+            assert float(delta.max()) >= step * (1 - 1e-3), name

@@ -37,6 +37,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--norm-lr", type=float, default=1e-4)
     p.add_argument("--no-norms", action="store_true")
+    p.add_argument("--relative", action="store_true", help="step sizes relative to each tensor's mean magnitude")
+    p.add_argument("--seed", type=int, default=0, help="order of the windows in the stage")
     p.add_argument("--windows", required=True, help="calibration_windows.pt of the benchmark that made the checkpoint")
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--max-windows", type=int, default=None)
@@ -56,13 +58,14 @@ def main() -> None:
     del fp
     q = AutoModelForCausalLM.from_pretrained(a.ckpt, dtype=torch.float32)
     rec = {"ckpt": a.ckpt, "epochs": a.epochs, "lr": a.lr, "norm_lr": a.norm_lr, "norms": not a.no_norms,
-           "windows": int(windows.shape[0]), "teacher_s": t_teacher}  # fmt: skip
+           "relative": a.relative, "seed": a.seed, "windows": int(windows.shape[0]), "teacher_s": t_teacher}  # fmt: skip
     measure = {"seq_len": 2048, "max_windows": a.eval_windows, "progress": False}
     if not a.skip_base_eval:
         rec["ppl_before"] = perplexity(q, tok, _common.DEFAULT_EVAL_PATH, **measure).ppl
     stats = train_end_to_end(
         q, windows, teacher, epochs=a.epochs, lr=a.lr, norm_lr=a.norm_lr, train_norms=not a.no_norms,
-        compute_dtype=torch.bfloat16, device=torch.device("cpu"), seed=0,
+        compute_dtype=torch.bfloat16, device=torch.device("cpu"), seed=a.seed,
+        relative=a.relative,
     )  # fmt: skip
     rec.update(stats)
     t0 = time.perf_counter()
