@@ -152,13 +152,14 @@ def test_real_quant_matches_fake_quant_torch_path(dtype, bits, group_size, backe
     assert _rel_err(w, _fake_quant_weight64(result, k)) < _tol(dtype)
 
 
-def test_cpu_int4_fast_path_is_taken_and_exact_enough(backend):
+@pytest.mark.parametrize(("k", "group_size"), [(256, 64), (320, 128)])  # 320 = 2.5 groups of 128: a short last group
+def test_cpu_int4_fast_path_is_taken_and_exact_enough(backend, k, group_size):
     backend("torch")
-    k, n = 256, 64
+    n = 64
     for bits in (2, 3, 4):
-        m, result, linear = _module(n, k, bits, 64, torch.bfloat16)
+        m, result, linear = _module(n, k, bits, group_size, torch.bfloat16)
         m.post_init()
-        assert "cpu_int4" in m._cache  # bf16, g=64, N % 16 == 0: PyTorch's fused int4 CPU kernel
+        assert "cpu_int4" in m._cache  # bf16, g in 32..256, N % 16 == 0: PyTorch's fused int4 CPU kernel
         for x_dtype in (torch.bfloat16, torch.float32):
             x = torch.randn(4, k).to(x_dtype)
             with torch.no_grad():

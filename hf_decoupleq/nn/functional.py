@@ -46,14 +46,14 @@ def cpu_int4_supported(
 ) -> bool:
     """Whether PyTorch's fused int4 CPU kernel can run this layer (``group_size``: the effective group size).
 
-    It needs bfloat16 compute, codes of at most 4 bits, a group size of 32/64/128/256 that divides ``in_features``,
-    ``out_features % 16 == 0`` and tensors on the CPU.
+    It needs bfloat16 compute, codes of at most 4 bits, a group size of 32/64/128/256, ``out_features % 16 == 0``
+    and tensors on the CPU. A last group shorter than ``group_size`` (SmolLM2's K = 576 at g128) is padded: the
+    padded columns meet zero inputs, so their codes do not matter.
     """
     return (
         compute_dtype == torch.bfloat16
         and bits <= 4
         and group_size in CPU_INT4_GROUPS
-        and in_features % group_size == 0
         and out_features % 16 == 0
         and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
         and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
@@ -62,9 +62,12 @@ def cpu_int4_supported(
 
 
 def cpu_int4_operands(
-    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, in_features: int
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, in_features: int, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The operands of ``aten._weight_int4pack_mm_for_cpu``: the 4-bit repacked codes and the bf16 scale/zero pairs.
+
+    ``K`` is padded to whole groups of ``group_size`` (the effective group size); :func:`cpu_int4_matmul` pads the
+    input to match.
 
     The kernel computes ``(c - 8) * s + z'``. Storing ``c = q + 8 - m`` with ``m = 2**(bits-1)`` (the middle code)
     gives ``(q - m) * s + z'``, so ``z' = z + m * s``: the middle of the group's range, which is small and rounds to
@@ -72,6 +75,9 @@ def cpu_int4_operands(
     """
     mid = 1 << (bits - 1)
     codes = unpack(qweight, bits, in_features).to(torch.int32) + (8 - mid)
+    padded = scales.shape[0] * group_size  # whole groups
+    if padded != in_features:
+        codes = torch.nn.functional.pad(codes, (0, padded - in_features), value=8)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     s = scales.detach().float()
     z = zeros.detach().float() + mid * s
@@ -80,7 +86,11 @@ def cpu_int4_operands(
 
 def cpu_int4_matmul(x2: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int) -> torch.Tensor:
     """``x W^T`` for a 2-D ``x`` with the fused int4 CPU kernel (bfloat16 math), in ``x.dtype``."""
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed, group_size, scale_zero)
+    padded = scale_zero.shape[0] * group_size
+    xb = x2.to(torch.bfloat16)
+    if xb.shape[1] != padded:  # a short last group: zero inputs for the padded columns
+        xb = torch.nn.functional.pad(xb, (0, padded - xb.shape[1]))
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), packed, group_size, scale_zero)
     return y.to(x2.dtype)
 
 

@@ -280,7 +280,9 @@ class DecoupleQLinear(nn.Module):
 
     def _cpu_int4_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
         def build():
-            return F.cpu_int4_operands(self.qweight, self.scales, self.zeros, self.bits, self.in_features)
+            return F.cpu_int4_operands(
+                self.qweight, self.scales, self.zeros, self.bits, self.in_features, self.effective_group_size
+            )
 
         return self._cached("cpu_int4", self._key(self.qweight, self.scales, self.zeros), build)
 
