@@ -236,7 +236,7 @@ def test_export_holds_exactly_the_solvers_weights(bpe_tokenizer, tmp_path, caplo
 
     with caplog.at_level(logging.INFO, logger="hf_decoupleq"):
         model, qc = _tiny_kquant_model(bpe_tokenizer, gguf_type)
-    assert f"down_proj: in_features" not in caplog.text
+    assert "down_proj: in_features" not in caplog.text
     # The end-to-end stage (on by default) would move scales off the grid: a gguf_type run skips it.
     assert f"end-to-end stage skipped: gguf_type='{gguf_type}'" in caplog.text
     assert f"q_proj: in_features=64 is not a multiple of 256, so {gguf_type.upper()} falls back to {fallback}" \

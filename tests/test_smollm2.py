@@ -50,9 +50,10 @@ def test_w4_g128_is_close_to_fp32_and_beats_rtn(smollm2, shared_data):
         "batch_size": 8,
     }
     variants = {
-        "rtn": {"method": "rtn", "blockwise": False, "incoherence": False},
+        # The baselines without the end-to-end stage (it runs after any layer-wise method unless turned off).
+        "rtn": {"method": "rtn", "blockwise": False, "incoherence": False, "e2e_epochs": 0},
         # The plain layer-wise stage keeps the path without incoherence covered on a real model.
-        "layerwise": {"method": "decoupleq", "blockwise": False, "incoherence": False},
+        "layerwise": {"method": "decoupleq", "blockwise": False, "incoherence": False, "e2e_epochs": 0},
         # The full method with the library defaults (SignSGD block-wise stage for 1 epoch, incoherence processing),
         # with the benchmark's bf16 calibration forwards.
         "full": {"method": "decoupleq", "calibration_dtype": "bfloat16"},

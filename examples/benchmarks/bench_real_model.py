@@ -70,21 +70,23 @@ METHOD_LABELS = {
     "autoround": "AutoRound",
 }
 # Arguments of DecoupleQConfig per method (the baselines come from the same machinery). Every entry states
-# `incoherence`, so a record means the same thing whatever the library default is (the default became True
-# after the incoherence runs were measured; the plain rows ran with it off).
+# `incoherence` and `e2e_epochs`, so a record means the same thing whatever the library default is (incoherence
+# and the end-to-end stage became defaults after the other rows were measured; those rows ran without them).
 DECOUPLEQ_METHODS = {
-    "rtn": {"method": "rtn", "blockwise": False, "incoherence": False},
-    "gptq": {"method": "gptq", "blockwise": False, "incoherence": False},
-    "decoupleq-layerwise": {"method": "decoupleq", "blockwise": False, "incoherence": False},
-    "decoupleq-layerwise-incoherent": {"method": "decoupleq", "blockwise": False, "incoherence": True},
+    "rtn": {"method": "rtn", "blockwise": False, "incoherence": False, "e2e_epochs": 0},
+    "gptq": {"method": "gptq", "blockwise": False, "incoherence": False, "e2e_epochs": 0},
+    "decoupleq-layerwise": {"method": "decoupleq", "blockwise": False, "incoherence": False, "e2e_epochs": 0},
+    "decoupleq-layerwise-incoherent": {"method": "decoupleq", "blockwise": False, "incoherence": True, "e2e_epochs": 0},
     # The paper's block-wise stage: Adam at lr 1e-5 for --blockwise-epochs (the library default is SignSGD now).
-    "decoupleq": {"method": "decoupleq", "blockwise": True, "blockwise_optimizer": "adam", "incoherence": False},
+    "decoupleq": {
+        "method": "decoupleq", "blockwise": True, "blockwise_optimizer": "adam", "incoherence": False, "e2e_epochs": 0,
+    },
     # The extensions (issue 7): SignSGD block-wise stage for one epoch (lr: its default 5e-3, relative to the
     # scales), and the same with incoherence processing (the library default). A "blockwise_epochs" here
     # overrides --blockwise-epochs.
     "decoupleq-signsgd": {
         "method": "decoupleq", "blockwise": True, "blockwise_optimizer": "signsgd", "blockwise_epochs": 1,
-        "incoherence": False,
+        "incoherence": False, "e2e_epochs": 0,
     },
     "decoupleq-incoherent": {
         "method": "decoupleq", "blockwise": True, "blockwise_optimizer": "signsgd", "blockwise_epochs": 1,

@@ -302,7 +302,7 @@ def pack_kquant(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, qtype:
 
     Returns the bytes ``[N, K / 256 * type_size]``, or a string saying why the layer is not on the grid.
     """
-    sub, bits, srange, mrange = KQUANT_LEVELS[qtype]
+    sub, _bits, srange, mrange = KQUANT_LEVELS[qtype]
     n, k = codes.shape
     if k % QK_K:
         return f"in_features {k} is not a multiple of {QK_K}"
