@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--norm-lr", type=float, default=1e-4)
     p.add_argument("--no-norms", action="store_true")
-    p.add_argument("--relative", action="store_true", help="step sizes relative to each tensor's mean magnitude")
+    p.add_argument("--relative", action="store_true", help="each packed layer's step = lr x the mean |scale| of that layer")
     p.add_argument("--seed", type=int, default=0, help="order of the windows in the stage")
     p.add_argument("--windows", required=True, help="calibration_windows.pt of the benchmark that made the checkpoint")
     p.add_argument("--eval-windows", type=int, default=40)
