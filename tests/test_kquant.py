@@ -213,7 +213,7 @@ def bpe_tokenizer(wiki_text):
     return _bpe_tokenizer(wiki_text[:50_000])
 
 
-def _tiny_kquant_model(tokenizer, gguf_type, initializer_range=0.02):
+def _tiny_kquant_model(tokenizer, gguf_type):
     """hidden 64 (q/k/v/o/gate/up fall back: K = 64), intermediate 256 (down_proj is a k-quant), as in SmolLM2."""
     import transformers
 
@@ -221,7 +221,6 @@ def _tiny_kquant_model(tokenizer, gguf_type, initializer_range=0.02):
     cfg = transformers.LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, max_position_embeddings=256,
         intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-        initializer_range=initializer_range,
     )  # fmt: skip
     model = transformers.LlamaForCausalLM(cfg).eval()
     qc = DecoupleQConfig(gguf_type=gguf_type, incoherence=False, dataset=str(WIKI_VALID), num_samples=4, seq_len=32,

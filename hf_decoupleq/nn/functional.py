@@ -42,7 +42,7 @@ def codes_by_group(qweight: torch.Tensor, bits: int, in_features: int, group_siz
 
 
 def cpu_int4_supported(
-    bits: int, group_size: int, in_features: int, out_features: int, compute_dtype: torch.dtype, device: torch.device
+    bits: int, group_size: int, out_features: int, compute_dtype: torch.dtype, device: torch.device
 ) -> bool:
     """Whether PyTorch's fused int4 CPU kernel can run this layer (``group_size``: the effective group size).
 

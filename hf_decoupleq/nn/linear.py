@@ -274,9 +274,8 @@ class DecoupleQLinear(nn.Module):
 
     def _cpu_int4_ok(self, compute_dtype: torch.dtype) -> bool:
         return F.cpu_int4_supported(
-            self.bits, self.effective_group_size, self.in_features, self.out_features, compute_dtype,
-            self.qweight.device,
-        )  # fmt: skip
+            self.bits, self.effective_group_size, self.out_features, compute_dtype, self.qweight.device
+        )
 
     def _cpu_int4_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
         def build():

@@ -42,7 +42,13 @@ from .end_to_end import end_to_end_teacher, run_end_to_end
 from .hessians import _collect_hessians  # noqa: F401 (tests and benchmarks reach it here)
 from .pack import fake_from_packed, forward_quantized_block, pack_block
 from .passes import _check_finite, _forward_all, discover_sequential_groups  # noqa: F401 (as above)
-from .placement import _calibration_dtype, _compute_device, _home_device, _materialize_block, _place_back  # noqa: F401 (as above)
+from .placement import (  # noqa: F401 (_calibration_dtype, _compute_device: as above)
+    _calibration_dtype,
+    _compute_device,
+    _home_device,
+    _materialize_block,
+    _place_back,
+)
 from .replay import ChildReplay
 from .run import _state_bytes, calibration_windows, record_summary, resolve_settings, resume_store
 from .solve import solve_group

@@ -321,7 +321,7 @@ class DecoupleQLinearMethod(LinearMethodBase):
         compute_dtype = scales.dtype
         if layer.dq_backend == "triton":
             operands = {"qweight": qweight, "scales": scales, "zeros": zeros}
-        elif F.cpu_int4_supported(cfg.bits, group, k_part, n_part, compute_dtype, qweight.device):
+        elif F.cpu_int4_supported(cfg.bits, group, n_part, compute_dtype, qweight.device):
             packed, scale_zero = F.cpu_int4_operands(qweight, scales, zeros, cfg.bits, k_part, group)
             operands = {"int4_packed": packed, "int4_scale_zero": scale_zero}
             layer.dq_backend = "int4"
