@@ -97,6 +97,20 @@ def _int_or_auto(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: use an integer or 'auto'") from None
 
 
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.rpartition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: use KEY=VALUE")
+    return key, value
+
+
+class _DictAction(argparse.Action):
+    """``--flag K1=V1 K2=V2`` -> ``{K1: V1, K2: V2}`` (the key may itself contain ``=``; the last one splits)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, dict(values))
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per `DecoupleQConfig` field, typed from the field's default and annotation.
 
@@ -121,6 +135,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             kwargs.update(action=argparse.BooleanOptionalAction, help=text)
         elif default is None and annotation.startswith("list"):
             kwargs.update(nargs="*", metavar="NAME", help=f"{text} Give the flag alone to convert every module.")
+        elif annotation.startswith("dict"):
+            kwargs.update(nargs="+", type=_key_value, action=_DictAction, metavar="KEY=VALUE", help=text)
         else:
             # bool is handled above; int/float defaults give their type, everything else is a string.
             if isinstance(default, (int, float)):
@@ -227,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         "write a decoupleQ checkpoint as a GGUF file for llama.cpp / Ollama",
         "Write the checkpoint DIR as a GGUF file. W4 (and W2/W3) checkpoints without incoherence and with "
         "group sizes that are multiples of 32 map exactly to Q4_1 (symmetric ones also to Q4_0); checkpoints "
-        "quantized with --gguf-type (q2_k, q3_k, q4_k, q4_0) map exactly to that type; any other type needs "
+        "quantized with --gguf-type (and --gguf-layer-types) map exactly to those types; any other type needs "
         "--allow-lossy, which requantizes the dequantized weights and reports the error it adds.",
         model=("DIR", "a saved decoupleQ checkpoint folder (with its tokenizer)"),
     )
@@ -235,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         required=True,
         metavar="gguf[:TYPE]",
-        help="gguf, or gguf:TYPE with TYPE one of q4_0, q4_1, q8_0, q5_0, q5_1, q2_k, q3_k, q4_k "
+        help="gguf, or gguf:TYPE with TYPE one of q4_0, q4_1, q8_0, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k "
         "(default: the type that holds the checkpoint exactly)",
     )
     x.add_argument("-o", "--output", required=True, metavar="FILE", help="the .gguf file to write")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -47,13 +48,15 @@ RESULT_FIELDS = (
     "calibration_dtype",
     "incoherence",
     "gguf_type",
+    "gguf_layer_types",
     "format_version",
 )
 
 # gguf_type -> (bits, group_size, symmetric) of its layers whose in_features is a multiple of 256. The solver's own
 # table is hf_decoupleq.solver.kquant.layer_format (this module imports only errors and packing; a test checks that
 # the two agree).
-GGUF_LAYERS = {"q2_k": (2, 16, False), "q3_k": (3, 16, True), "q4_k": (4, 32, False), "q4_0": (4, 32, True)}
+GGUF_LAYERS = {"q2_k": (2, 16, False), "q3_k": (3, 16, True), "q4_k": (4, 32, False), "q5_k": (5, 32, False),
+               "q4_0": (4, 32, True), "q5_0": (5, 32, True), "q5_1": (5, 32, False)}  # fmt: skip
 
 # calibration_dtype values: forwards during calibration run under autocast to this dtype.
 CALIBRATION_DTYPES = ("float32", "bfloat16", "float16")
@@ -103,7 +106,7 @@ def _describe_tokenizer(tokenizer: Any) -> str | None:
 
 
 class DecoupleQConfig(QuantizationConfigMixin):
-    """Configuration of decoupleQ quantization (arXiv 2404.12759) for `from_pretrained`.
+    r"""Configuration of decoupleQ quantization (arXiv 2404.12759) for `from_pretrained`.
 
     Passing it as `quantization_config` quantizes the model on load: calibration windows are drawn from
     `dataset`, every linear layer of every decoder block (except `modules_to_not_convert`) is solved with the
@@ -169,13 +172,20 @@ class DecoupleQConfig(QuantizationConfigMixin):
             `hf_decoupleq.export_gguf` writes exactly what the solver found: "q2_k" (2-bit codes, sub-blocks of 16,
             `s = d sc`, `z = -dmin m` with 4-bit `sc`, `m` and fp16 `d`, `dmin` per 256 weights), "q3_k" (3-bit,
             symmetric `w = d sc (q - 4)`, signed 6-bit `sc`, sub-blocks of 16), "q4_k" (4-bit, sub-blocks of 32, 6-bit
-            `sc`, `m`) or "q4_0" (symmetric 4-bit, groups of 32). A layer whose `in_features` is not a multiple of 256
-            gets llama-quantize's fallback type: Q4_0 for "q2_k"/"q3_k", Q5_0 for "q4_k" (held as symmetric 4-bit
-            g32, since the packed format has no 5-bit codes); the log names those layers. `bits`, `group_size` and
-            `symmetric` are set from the type (leave them at their defaults or give the matching values); needs
+            `sc`, `m`), "q5_k" (as "q4_k" with 5-bit codes), or the block-32 types "q4_0", "q5_0" (symmetric 4 and
+            5 bits, fp16 scale per 32 weights) and "q5_1" (5-bit, fp16 scale and min). A layer whose `in_features`
+            is not a multiple of 256 gets llama-quantize's fallback type: Q4_0 for "q2_k"/"q3_k", Q5_0 for "q4_k",
+            Q5_1 for "q5_k"; the log names those layers. The packed format has no 5-bit codes, so 5-bit layers are
+            stored with 8-bit codes (values 0-31) in the checkpoint; the GGUF file holds them in 5 bits. `bits`,
+            `group_size` and `symmetric` are set from the type (leave them at their defaults or give the matching
+            values); needs
             `incoherence=False` and `integer_zero=False`. Both stages keep the grid: the block-wise stage trains
             scales and zeros through their projection onto it. The k-quant grid is exact in float32 scales: quantize
             a float32 model (fp16/bf16 scales round `d * sc`). `None` (default): the ordinary decoupleQ layers.
+        gguf_layer_types (`dict[str, str]`, *optional*): per-layer GGUF types on top of `gguf_type`, as
+            `{regex: type}` matched with `re.fullmatch` against the full module name, first match wins; for the mixes
+            llama-quantize writes (its Q4_K_S makes `attn_v` of the first 4 layers and `ffn_down` of the first eighth
+            Q5_K: `{r"model\.layers\.[0-3]\.self_attn\.v_proj": "q5_k", ...}`). Needs `gguf_type`.
         checkpoint_dir (`str`, *optional*): save each finished block there atomically and resume from it.
         device (`str`, *optional*): device to solve on (default: CUDA if available, else where the block is).
         format_version (`int`): version of the packed format; written by this library, checked on load.
@@ -213,6 +223,7 @@ class DecoupleQConfig(QuantizationConfigMixin):
         calibration_dtype: str | None = AUTO,
         incoherence: bool = True,
         gguf_type: str | None = None,
+        gguf_layer_types: dict[str, str] | None = None,
         checkpoint_dir: str | None = None,
         device: str | None = None,
         format_version: int = FORMAT_VERSION,
@@ -254,6 +265,11 @@ class DecoupleQConfig(QuantizationConfigMixin):
         self.calibration_dtype = _dtype_name(calibration_dtype)
         self.incoherence = incoherence
         self.gguf_type = gguf_type.lower() if isinstance(gguf_type, str) else gguf_type
+        self.gguf_layer_types = (
+            {k: v.lower() if isinstance(v, str) else v for k, v in gguf_layer_types.items()}
+            if isinstance(gguf_layer_types, dict)
+            else gguf_layer_types
+        )
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.device = None if device is None else str(device)
         self.format_version = format_version
@@ -276,7 +292,8 @@ class DecoupleQConfig(QuantizationConfigMixin):
         def is_int(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
-        if not is_int(self.bits) or self.bits not in SUPPORTED_BITS:
+        gguf_bits = GGUF_LAYERS[self.gguf_type][0] if self.gguf_type in GGUF_LAYERS else None
+        if not is_int(self.bits) or (self.bits not in SUPPORTED_BITS and self.bits != gguf_bits):
             fail("bits", f"use one of {list(SUPPORTED_BITS)}")
         if not is_int(self.group_size) or not (self.group_size == -1 or self.group_size >= 1):
             fail("group_size", "use a positive integer (e.g. 32, 64, 128) or -1 for per-channel")
@@ -334,6 +351,8 @@ class DecoupleQConfig(QuantizationConfigMixin):
             fail("dataset", f"use one of {list(KNOWN_DATASETS)}, a file path, a list of strings or a datasets.Dataset")
         if self.gguf_type is not None:
             self._check_gguf_type(fail)
+        if self.gguf_layer_types is not None:
+            self._check_gguf_layer_types(fail)
         if not is_int(self.format_version) or self.format_version < 1:
             fail("format_version", "use a positive integer")
         if self.format_version > FORMAT_VERSION:
@@ -361,6 +380,26 @@ class DecoupleQConfig(QuantizationConfigMixin):
             )
         if self.integer_zero:
             fail("integer_zero", f"gguf_type={self.gguf_type!r} puts zeros on the GGUF grid; use integer_zero=False")
+
+    def _check_gguf_layer_types(self, fail) -> None:
+        if self.gguf_type is None:
+            fail("gguf_layer_types", "set gguf_type as well (the type of every layer no pattern matches)")
+        if not isinstance(self.gguf_layer_types, dict):
+            fail("gguf_layer_types", "use a dict {regular expression: GGUF type}")
+        for pattern, qtype in self.gguf_layer_types.items():
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as err:
+                fail("gguf_layer_types", f"{pattern!r} is not a regular expression ({err})")
+            if qtype not in GGUF_LAYERS:
+                fail("gguf_layer_types", f"the type of {pattern!r} must be one of {list(GGUF_LAYERS)}")
+
+    def gguf_type_for(self, name: str) -> str | None:
+        """The GGUF type of the layer with full module name `name`: the first `gguf_layer_types` pattern that matches
+        it (`re.fullmatch`), else `gguf_type`."""
+        from .solver.kquant import resolve_gguf_type
+
+        return resolve_gguf_type(name, self.gguf_type, self.gguf_layer_types)
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):

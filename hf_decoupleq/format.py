@@ -29,6 +29,7 @@ __all__ = [
     "hadamard_block_size",
     "num_groups",
     "packed_rows",
+    "storage_bits",
     "words_per_block",
 ]
 
@@ -51,6 +52,14 @@ def check_bits(bits: int) -> None:
     """Raise `DecoupleQConfigError` unless ``bits`` is one of :data:`SUPPORTED_BITS`."""
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
         raise DecoupleQConfigError(f"bits={bits!r} is not supported; allowed: {SUPPORTED_BITS}")
+
+
+def storage_bits(bits: int) -> int:
+    """The packed width that holds ``bits``-bit codes: ``bits`` itself if the format has it, else the next wider one
+    (5-bit codes, the GGUF types Q5_0/Q5_1/Q5_K, are stored as 8-bit codes in ``[0, 31]``)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= max(SUPPORTED_BITS):
+        raise DecoupleQConfigError(f"bits={bits!r} is not supported; allowed: 1..{max(SUPPORTED_BITS)}")
+    return min(b for b in SUPPORTED_BITS if b >= bits)
 
 
 def code_mask(bits: int) -> int:

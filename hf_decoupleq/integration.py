@@ -136,6 +136,7 @@ def replace_with_decoupleq_linear(
     incoherence: bool = False,
     packed_modules: Iterable[str] | None = None,
     gguf_type: str | None = None,
+    gguf_layer_types: dict[str, str] | None = None,
 ) -> list[str]:
     """Replace linears by empty `DecoupleQLinear`s of the packed shapes.
 
@@ -145,8 +146,9 @@ def replace_with_decoupleq_linear(
     (the checkpoint's own list) names exactly the linears to replace; without it (checkpoints written before the
     list existed) every linear of every decoder block except `modules_to_not_convert` is replaced. Each packed
     module takes `dtype`, or else its linear's own dtype (so a model whose layers differ in dtype keeps them).
-    With `gguf_type` (`DecoupleQConfig.gguf_type`) each layer's bits and group size are those of its GGUF type
-    (`hf_decoupleq.solver.kquant.layer_format`: the k-quant, or its fallback when `in_features % 256 != 0`).
+    With `gguf_type` (`DecoupleQConfig.gguf_type`, and `gguf_layer_types` per layer) each layer's bits and group
+    size are those of its GGUF type (`hf_decoupleq.solver.kquant.layer_format`: the k-quant, or its fallback when
+    `in_features % 256 != 0`; 5-bit types in 8-bit codes).
     Returns the replaced names.
 
     Raises:
@@ -176,10 +178,10 @@ def replace_with_decoupleq_linear(
     for name, linear in targets.items():
         b, g = bits, group_size
         if gguf_type is not None:
-            from .solver.kquant import layer_format
+            from .solver.kquant import layer_format, resolve_gguf_type
 
-            fmt = layer_format(gguf_type, linear.in_features, name)
-            b, g = fmt.bits, fmt.group_size
+            fmt = layer_format(resolve_gguf_type(name, gguf_type, gguf_layer_types), linear.in_features, name)
+            b, g = fmt.packed_bits, fmt.group_size
         new = DecoupleQLinear.empty_like(
             linear, b, g, dtype=dtype, incoherence=incoherence and has_transform(linear.in_features)
         )

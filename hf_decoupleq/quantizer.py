@@ -78,6 +78,7 @@ class DecoupleQHfQuantizer(HfQuantizer):
             incoherence=cfg.incoherence and cfg.format_version >= 2,
             packed_modules=cfg.packed_modules,
             gguf_type=getattr(cfg, "gguf_type", None),
+            gguf_layer_types=getattr(cfg, "gguf_layer_types", None),
         )
         logger.info("prepared %d packed decoupleQ linears for loading", len(replaced))
         if checkpoint_files:

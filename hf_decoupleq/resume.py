@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -148,10 +148,17 @@ class ResumeStore:
         self._write_manifest()
 
     def load_block(
-        self, index: int, block: nn.Module, *, bits: int, group_size: int, gguf_type: str | None = None
+        self,
+        index: int,
+        block: nn.Module,
+        *,
+        bits: int,
+        group_size: int,
+        gguf_type: Callable[[str], str | None] | None = None,
     ) -> None:
         """Swap the block's quantized linears for packed modules and load the saved tensors into it (with
-        `gguf_type`, each layer's bits and group size are those of its GGUF type)."""
+        `gguf_type`, a function from a layer's name within the block to its GGUF type, each layer's bits and group
+        size are those of that type)."""
         path = self._block_file(index)
         entry = self.manifest["blocks"][str(index)]
         if _sha256(path) != entry["sha256"]:
@@ -162,11 +169,12 @@ class ResumeStore:
         for name, linear in find_linears(block).items():
             if name in packed_names:
                 b, g = bits, group_size
-                if gguf_type is not None:
+                qtype = None if gguf_type is None else gguf_type(name)
+                if qtype is not None:
                     from .solver.kquant import layer_format
 
-                    fmt = layer_format(gguf_type, linear.in_features, name)
-                    b, g = fmt.bits, fmt.group_size
+                    fmt = layer_format(qtype, linear.in_features, name)
+                    b, g = fmt.packed_bits, fmt.group_size
                 new = DecoupleQLinear.empty_like(linear, b, g, incoherence=name in rotated)
                 set_submodule(block, name, new)
         device = next(iter(block.state_dict().values())).device

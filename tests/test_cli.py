@@ -293,9 +293,14 @@ NON_DEFAULT = {
     "device": ("cpu", "cpu"),
     # gguf_type needs --no-incoherence, and sets group_size (16 for q2_k) itself.
     "gguf_type": (["q2_k", "--no-incoherence"], "q2_k"),
+    # The key is a regular expression; it may contain "=" (the last one splits).
+    "gguf_layer_types": ([r"model\.layers\.[0-3]\.self_attn\.v_proj=q5_k", r"(?=x).*down_proj=Q5_K", "--gguf-type",
+                          "q4_k", "--no-incoherence"],
+                         {r"model\.layers\.[0-3]\.self_attn\.v_proj": "q5_k", r"(?=x).*down_proj": "q5_k"}),
 }
 # Fields a flag changes besides its own.
-COUPLED = {"gguf_type": {"incoherence", "group_size"}}
+COUPLED = {"gguf_type": {"incoherence", "group_size"},
+           "gguf_layer_types": {"gguf_type", "incoherence", "group_size", "bits"}}  # fmt: skip
 
 
 def test_every_config_field_has_a_flag():

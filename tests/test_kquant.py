@@ -20,7 +20,8 @@ from hf_decoupleq.solver import FakeQuantLinear, refine_block, solve_layer
 from hf_decoupleq.solver.kquant import layer_format
 
 # type -> (code bits, sub-block, scale level range, min level range or None when symmetric)
-GRIDS = {"q2_k": (2, 16, (0, 15), (0, 15)), "q3_k": (3, 16, (-32, 31), None), "q4_k": (4, 32, (0, 63), (0, 63))}
+GRIDS = {"q2_k": (2, 16, (0, 15), (0, 15)), "q3_k": (3, 16, (-32, 31), None), "q4_k": (4, 32, (0, 63), (0, 63)),
+         "q5_k": (5, 32, (0, 63), (0, 63))}  # fmt: skip
 
 
 def _problem(n=24, k=512, seed=0):
@@ -67,8 +68,9 @@ def _check_on_grid(result, gguf_type):
 
 @pytest.mark.parametrize(
     ("gguf_type", "bits", "group_size", "symmetric"),
-    [("q2_k", 2, 16, False), ("q3_k", 3, 16, True), ("q4_k", 4, 32, False), ("q4_0", 4, 32, True)],
-)
+    [("q2_k", 2, 16, False), ("q3_k", 3, 16, True), ("q4_k", 4, 32, False), ("q5_k", 5, 32, False),
+     ("q4_0", 4, 32, True), ("q5_0", 5, 32, True), ("q5_1", 5, 32, False)],
+)  # fmt: skip
 def test_config_sets_the_layer_shape_from_the_type(gguf_type, bits, group_size, symmetric):
     cfg = DecoupleQConfig(gguf_type=gguf_type.upper(), incoherence=False)
     assert (cfg.gguf_type, cfg.bits, cfg.group_size, cfg.symmetric) == (gguf_type, bits, group_size, symmetric)
@@ -90,8 +92,16 @@ def test_config_table_agrees_with_the_solver():
 
 
 def test_config_refuses_bad_gguf_settings():
-    with pytest.raises(DecoupleQConfigError, match=r"gguf_type='q5_k'.*allowed"):
-        DecoupleQConfig(gguf_type="q5_k", incoherence=False)
+    with pytest.raises(DecoupleQConfigError, match=r"gguf_type='q6_k'.*allowed"):
+        DecoupleQConfig(gguf_type="q6_k", incoherence=False)
+    with pytest.raises(DecoupleQConfigError, match=r"gguf_layer_types.*set gguf_type"):
+        DecoupleQConfig(gguf_layer_types={"x": "q5_k"}, incoherence=False)
+    with pytest.raises(DecoupleQConfigError, match=r"gguf_layer_types.*not a regular expression"):
+        DecoupleQConfig(gguf_type="q4_k", gguf_layer_types={"model.(": "q5_k"}, incoherence=False)
+    with pytest.raises(DecoupleQConfigError, match=r"gguf_layer_types.*must be one of"):
+        DecoupleQConfig(gguf_type="q4_k", gguf_layer_types={"x": "q6_k"}, incoherence=False)
+    with pytest.raises(DecoupleQConfigError, match=r"bits=5.*use one of"):
+        DecoupleQConfig(bits=5)  # 5-bit codes only inside a GGUF type
     with pytest.raises(DecoupleQConfigError, match="needs incoherence=False"):
         DecoupleQConfig(gguf_type="q2_k")
     with pytest.raises(DecoupleQConfigError, match=r"bits=4.*stores bits=2"):
@@ -104,11 +114,15 @@ def test_config_refuses_bad_gguf_settings():
 
 
 def test_fallback_rule_is_llama_quantizes():
-    # llama.cpp (src/llama-quant.cpp, tensor_type_fallback): Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0 when K % 256 != 0.
+    # llama.cpp (src/llama-quant.cpp, tensor_type_fallback): Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1 when
+    # K % 256 != 0.
     assert layer_format("q2_k", 1536).ggml_type == "q2_k"
-    for t, fb in (("q2_k", "q4_0"), ("q3_k", "q4_0"), ("q4_k", "q5_0")):
+    for t, fb, bits, sym in (("q2_k", "q4_0", 4, True), ("q3_k", "q4_0", 4, True), ("q4_k", "q5_0", 5, True),
+                             ("q5_k", "q5_1", 5, False)):  # fmt: skip
         fmt = layer_format(t, 576)
-        assert (fmt.ggml_type, fmt.fallback_from, fmt.bits, fmt.group_size, fmt.symmetric) == (fb, t, 4, 32, True)
+        assert (fmt.ggml_type, fmt.fallback_from, fmt.bits, fmt.group_size, fmt.symmetric) == (fb, t, bits, 32, sym)
+        # The packed format has no 5-bit codes: those layers are stored with 8-bit codes.
+        assert fmt.packed_bits == (8 if bits == 5 else bits)
     assert layer_format("q4_0", 512).ggml_type == "q4_0"
     with pytest.raises(DecoupleQConfigError, match=r"in_features=100.*modules_to_not_convert"):
         layer_format("q2_k", 100, "mlp.down_proj")
@@ -147,6 +161,30 @@ def test_fallback_layers_are_symmetric_with_fp16_scales(caplog):
     assert "blk.mlp.down_proj" in caplog.text and "Q2_K falls back to Q4_0" in caplog.text
     assert (res.bits, res.group_size, res.symmetric) == (4, 32, True)
     assert _is_fp16(res.scales) and torch.equal(res.zeros, -8 * res.scales)
+
+
+@pytest.mark.parametrize("gguf_type", ["q4_0", "q5_0", "q5_1"])
+def test_block32_layers_are_what_gguf_reads_back_and_beat_round_to_nearest(gguf_type):
+    from hf_decoupleq.export.ggml_blocks import pack_q4_0, pack_q5_1
+
+    w, h = _problem(k=320)
+    fmt = layer_format(gguf_type, 320)
+    res = solve_layer(w, h, gguf_type=gguf_type, rounds=2)
+    assert (res.bits, res.group_size, res.symmetric) == (fmt.bits, 32, fmt.symmetric)
+    assert res.codes.max() <= (1 << fmt.bits) - 1 and _is_fp16(res.scales) and _is_fp16(res.zeros)
+    if fmt.symmetric:
+        assert torch.equal(res.zeros, -float(1 << (fmt.bits - 1)) * res.scales)
+    # The type's blocks, read back by gguf-py, are exactly the solver's weights.
+    codes, s, z = res.codes.numpy(), res.scales.numpy(), res.zeros.numpy()
+    data = {"q4_0": lambda: pack_q4_0(codes, s), "q5_0": lambda: pack_q5_0(codes, s),
+            "q5_1": lambda: pack_q5_1(codes, s, z)}[gguf_type]()  # fmt: skip
+    back = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[gguf_type.upper()]).reshape(w.shape)
+    assert np.array_equal(back, res.dequantize().numpy())
+    err = w.double() - res.dequantize().double()
+    assert torch.allclose(res.loss, ((err @ h) * err).sum(1), rtol=1e-9, atol=0)
+    assert res.loss.sum() < 0.9 * solve_layer(w, h, gguf_type=gguf_type, method="rtn").loss.sum()
+    if fmt.bits == 5:  # a fifth bit halves the step: far below the 4-bit symmetric layer
+        assert res.loss.sum() < 0.5 * solve_layer(w, h, gguf_type="q4_0", rounds=2).loss.sum()
 
 
 def test_blockwise_stage_keeps_the_grid_and_ties_symmetric_zeros():
@@ -198,12 +236,27 @@ def test_recover_grid_brute_force():
     assert ok.all() and not got.any()
 
 
-def test_q5_0_blocks_read_back_by_gguf():
+def test_q5_blocks_read_back_by_gguf():
+    from hf_decoupleq.export.ggml_blocks import pack_kquant, pack_q5_1
+
     rng = np.random.default_rng(1)
     codes = rng.integers(0, 32, (6, 64))
     d = rng.uniform(1e-3, 1e-1, (6, 2)).astype(np.float16).astype(np.float32)
+    m = rng.uniform(-1e-1, 1e-1, (6, 2)).astype(np.float16).astype(np.float32)
     out = gguf.quants.dequantize(pack_q5_0(codes, d), gguf.GGMLQuantizationType.Q5_0).reshape(6, 64)
     assert np.array_equal(out, np.repeat(d, 32, axis=1) * (codes - 16))
+    out = gguf.quants.dequantize(pack_q5_1(codes, d, m), gguf.GGMLQuantizationType.Q5_1).reshape(6, 64)
+    assert np.array_equal(out, np.repeat(d, 32, axis=1) * codes + np.repeat(m, 32, axis=1))
+    # Q5_K from per-sub-block scales and zeros on its grid (fp16 d, dmin; 6-bit levels).
+    codes = rng.integers(0, 32, (3, 512))
+    sup = rng.uniform(1e-4, 1e-2, (3, 2, 2)).astype(np.float16).astype(np.float64)  # [row, super-block, d/dmin]
+    sc, mn = rng.integers(1, 64, (3, 2, 8)), rng.integers(0, 64, (3, 2, 8))
+    scales = (sup[..., :1] * sc).reshape(3, 16)
+    zeros = -(sup[..., 1:] * mn).reshape(3, 16)
+    out = gguf.quants.dequantize(pack_kquant(codes, scales, zeros, "Q5_K"), gguf.GGMLQuantizationType.Q5_K)
+    expected = np.repeat(scales, 32, axis=1) * codes + np.repeat(zeros, 32, axis=1)
+    assert np.allclose(out.reshape(3, 512), expected, rtol=1e-6, atol=0)
+    assert "codes span" in pack_kquant(codes + 1, scales, zeros, "Q5_K")  # a code of 32 does not fit
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +266,12 @@ def bpe_tokenizer(wiki_text):
     return _bpe_tokenizer(wiki_text[:50_000])
 
 
-def _tiny_kquant_model(tokenizer, gguf_type):
+# llama-quantize's Q4_K_S mix in miniature: Q5_K for some layers (v_proj, whose K = 64 falls back to Q5_1, and one
+# down_proj), Q4_K / its fallback Q5_0 elsewhere.
+MIX = {r"model\.layers\.0\.self_attn\.v_proj": "q5_k", r"model\.layers\.1\.mlp\.down_proj": "q5_k"}
+
+
+def _tiny_kquant_model(tokenizer, gguf_type, layer_types=None, **kwargs):
     """hidden 64 (q/k/v/o/gate/up fall back: K = 64), intermediate 256 (down_proj is a k-quant), as in SmolLM2."""
     import transformers
 
@@ -223,13 +281,14 @@ def _tiny_kquant_model(tokenizer, gguf_type):
         intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
     )  # fmt: skip
     model = transformers.LlamaForCausalLM(cfg).eval()
-    qc = DecoupleQConfig(gguf_type=gguf_type, incoherence=False, dataset=str(WIKI_VALID), num_samples=4, seq_len=32,
-                         rounds=1, blockwise_lr=1e-3)  # fmt: skip
+    qc = DecoupleQConfig(gguf_type=gguf_type, gguf_layer_types=layer_types, incoherence=False, dataset=str(WIKI_VALID),
+                         num_samples=4, seq_len=32, rounds=1, blockwise_lr=1e-3, **kwargs)  # fmt: skip
     hf_decoupleq.quantize(model, qc, tokenizer=tokenizer)
     return model, qc
 
 
-@pytest.mark.parametrize(("gguf_type", "fallback"), [("q2_k", "Q4_0"), ("q3_k", "Q4_0"), ("q4_k", "Q5_0")])
+@pytest.mark.parametrize(("gguf_type", "fallback"), [("q2_k", "Q4_0"), ("q3_k", "Q4_0"), ("q4_k", "Q5_0"),
+                                                     ("q5_k", "Q5_1")])  # fmt: skip
 def test_export_holds_exactly_the_solvers_weights(bpe_tokenizer, tmp_path, caplog, gguf_type, fallback):
     from test_gguf_export import _file_weight, _read, _unpermute
 
@@ -264,12 +323,16 @@ def test_export_holds_exactly_the_solvers_weights(bpe_tokenizer, tmp_path, caplo
         assert np.array_equal(w, layer.dequantize_weight().double().numpy()), name
 
 
-@pytest.mark.parametrize("gguf_type", ["q2_k", "q3_k", "q4_k"])
+@pytest.mark.parametrize("gguf_type", ["q2_k", "q3_k", "q4_k", "mix"])
 def test_llama_cpp_generates_with_kquant_file(bpe_tokenizer, tmp_path, gguf_type):
-    """llama.cpp runs the k-quant file (k-quant ffn_down, fallback Q4_0/Q5_0 elsewhere) and continues as we do."""
+    """llama.cpp runs the k-quant file (k-quant ffn_down, fallback Q4_0/Q5_0 elsewhere; "mix": Q4_K, Q5_K, Q5_0 and
+    Q5_1 in one file) and continues as we do."""
     from test_gguf_export import check_llama_cpp_greedy
 
-    model, _ = _tiny_kquant_model(bpe_tokenizer, gguf_type)
+    if gguf_type == "mix":
+        model, _ = _tiny_kquant_model(bpe_tokenizer, "q4_k", MIX)
+    else:
+        model, _ = _tiny_kquant_model(bpe_tokenizer, gguf_type)
     path = tmp_path / f"{gguf_type}.gguf"
     export_gguf(model, path, tokenizer=bpe_tokenizer)
     check_llama_cpp_greedy(model, bpe_tokenizer, path)
@@ -288,6 +351,54 @@ def test_kquant_checkpoint_reloads_with_per_layer_shapes(bpe_tokenizer, tmp_path
             assert torch.equal(other.dequantize_weight(), layer.dequantize_weight())
     ids = torch.tensor([[1, 5, 9, 3]])
     assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_per_layer_types_solve_save_resume_and_export_exactly(bpe_tokenizer, tmp_path, caplog):
+    """`gguf_layer_types` (llama-quantize's mixes): each layer gets its own type, 5-bit layers are stored with 8-bit
+    codes in [0, 31], a reload and a resumed run rebuild the same shapes and weights, and the export writes each
+    layer's type exactly (read back per weight by gguf-py)."""
+    from test_gguf_export import _file_weight, _read, _unpermute
+    from transformers import AutoModelForCausalLM
+
+    model, _ = _tiny_kquant_model(bpe_tokenizer, "q4_k", MIX, checkpoint_dir=str(tmp_path / "resume"))
+    expected = {"model.layers.0.self_attn.v_proj": ("q5_1", 5, False), "model.layers.1.mlp.down_proj": ("q5_k", 5, False),
+                "model.layers.0.mlp.down_proj": ("q4_k", 4, False)}  # fmt: skip
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, DecoupleQLinear)}
+    for name, layer in layers.items():
+        _, bits, _ = expected.get(name, ("q5_0", 5, True))
+        assert layer.bits == (8 if bits == 5 else bits), name
+        codes = layer.unpacked_codes()
+        assert int(codes.max()) <= (1 << bits) - 1 and int(codes.max()) > (1 << (bits - 1)) - 1, name  # bits used
+        assert layer.effective_group_size == 32
+    # A resumed run restores every block from the resume folder with the same per-layer shapes and values.
+    with caplog.at_level(logging.INFO, logger="hf_decoupleq"):
+        again, _ = _tiny_kquant_model(bpe_tokenizer, "q4_k", MIX, checkpoint_dir=str(tmp_path / "resume"))
+    assert caplog.text.count("restored from") == 2
+    for name, layer in layers.items():
+        other = again.get_submodule(name)
+        assert other.bits == layer.bits and torch.equal(other.dequantize_weight(), layer.dequantize_weight())
+    # Save and reload: config.json carries the per-layer types, the reload rebuilds the same packed shapes.
+    model.save_pretrained(tmp_path / "ckpt")
+    bpe_tokenizer.save_pretrained(tmp_path / "ckpt")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert reloaded.config.quantization_config.gguf_layer_types == MIX
+    ids = torch.tensor([[1, 5, 9, 3]])
+    assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    # Export from the saved folder: the types come from its config, every weight exactly.
+    path = tmp_path / "mix.gguf"
+    report = export_gguf(tmp_path / "ckpt", path)
+    assert not report.lossy and report.rel_error == 0.0
+    assert report.type_counts() == {"F16": 2, "F32": 5, "Q5_0": 11, "Q5_1": 1, "Q4_K": 1, "Q5_K": 1}
+    _, tensors = _read(path)
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}  # fmt: skip
+    for name, layer in layers.items():
+        t = tensors[f"blk.{name.split('.')[2]}.{names[name.rsplit('.', 1)[1]]}.weight"]
+        assert t.tensor_type.name == expected.get(name, ("q5_0",))[0].upper(), name
+        w = _file_weight(t)
+        if name.endswith(("q_proj", "k_proj")):
+            w = _unpermute(w, 4 if name.endswith("q_proj") else 2)
+        assert np.array_equal(w, layer.dequantize_weight().double().numpy()), name
 
 
 def test_symmetric_checkpoint_with_blockwise_stage_exports_to_q4_0(bpe_tokenizer, tmp_path):

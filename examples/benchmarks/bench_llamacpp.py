@@ -14,8 +14,10 @@ made in ``--work`` on a rerun):
 ``compare``
     For each ``--types`` entry: llama.cpp's file (``llama-quantize`` with an importance matrix from ``llama-imatrix``
     on ``wiki.valid.tokens``, starting from the F32 GGUF of the same fp32 model, token embeddings kept at F16) against
-    this project's file with the same GGML type for every tensor (read from llama.cpp's file), both scored by
-    ``llama-perplexity -c 2048 --chunks N`` on ``wiki.test.raw``. The file sizes are recorded.
+    this project's file with the same GGML type for every tensor (read from llama.cpp's file: where llama-quantize's
+    mix differs from the checkpoint's ``gguf_type``, e.g. the Q5_K layers of ``Q4_K_S``, the checkpoint gets those
+    layers' types through ``gguf_layer_types``), both scored by ``llama-perplexity -c 2048 --chunks N`` on
+    ``wiki.test.raw``. The file sizes are recorded.
 
 Every llama.cpp tool runs with ``--no-repack``: on CPUs that advertise AMX to a VM that does not enable it, ggml's AMX
 path faults; without repacking, the plain CPU kernels run (the perplexity is the same, only speed differs).
@@ -26,14 +28,15 @@ solved inside the GGML block structure, exported exactly.
 Example (the recorded runs)::
 
     python examples/benchmarks/bench_llamacpp.py agreement
-    python examples/benchmarks/bench_llamacpp.py compare --types q2_k_pure q4_0 q3_k_s --num-samples 16 \
-        --calib-seq-len 512 --imatrix-chunks 16 --chunks 4
+    python examples/benchmarks/bench_llamacpp.py compare --types q2_k_pure q4_0 q3_k_s q4_k_s --num-samples 16 \
+        --calib-seq-len 512 --imatrix-chunks 16 --chunks 10
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -227,6 +230,25 @@ def llama_file_types(path: Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
 
 
+def llama_layer_types(types: dict[str, str], gguf_type: str) -> dict[str, str]:
+    """``gguf_layer_types`` that give this project's checkpoint the type of llama.cpp's file (``types``, by GGUF tensor
+    name) wherever ``gguf_type`` (with its fallback) would give another: one exact-name pattern per such layer."""
+    import gguf
+
+    from hf_decoupleq.solver.kquant import layer_format
+
+    model = load_model(torch.float32)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    out = {}
+    for name, module in model.model.layers.named_modules(prefix="model.layers"):
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        want = types.get(names.get_name(f"{name}.weight", try_suffixes=(".weight",)))
+        if want is not None and layer_format(gguf_type, module.in_features).ggml_type != want:
+            out[re.escape(name)] = want
+    return out
+
+
 def stage_compare(args: argparse.Namespace) -> None:
     import hf_decoupleq  # noqa: F401
     from hf_decoupleq.export import export_gguf
@@ -249,6 +271,11 @@ def stage_compare(args: argparse.Namespace) -> None:
         types = {k: v.lower() for k, v in llama_file_types(theirs).items() if v not in ("F32", "F16")}
         config = parse_config(args.ours_config[name])
         label = "ckpt_" + "_".join(f"{k}{v}" for k, v in config.items())
+        mix = llama_layer_types(types, config["gguf_type"]) if "gguf_type" in config else {}
+        if mix:
+            config["gguf_layer_types"] = mix
+            label += "_mix" + hashlib.sha256(json.dumps(mix, sort_keys=True).encode()).hexdigest()[:8]
+            logger.info("%s: %d layers take llama.cpp's other types: %s", name, len(mix), mix)
         folder = make_checkpoint(args, label, config)
         ours = work / f"ours-{name}-{label}.gguf"
         report = export_gguf(folder, ours, None, lossy=args.allow_lossy, tensor_types=types,
@@ -294,8 +321,8 @@ def main() -> None:
     p.add_argument("--ours-q3-k-s", default="gguf_type=q3_k",
                    help="checkpoint for q3_k_s (Q3_K where K % 256 == 0, the Q4_0 fallback elsewhere)")
     p.add_argument("--ours-q4-k-s", default="gguf_type=q4_k",
-                   help="checkpoint for q4_k_s (Q4_K where K % 256 == 0, Q5_0 elsewhere; llama.cpp's Q4_K_S also "
-                   "uses Q5_K/Q5_1 tensors, which this project cannot hold exactly)")
+                   help="checkpoint for q4_k_s (Q4_K where K % 256 == 0, Q5_0 elsewhere, and the layers llama.cpp's "
+                   "file makes Q5_K / Q5_1 likewise)")
     p.add_argument("--allow-lossy", action="store_true", help="export through requantization where not exact")
     args = p.parse_args()
     args.ours_config = {"q4_0": args.ours_q4_0, "q2_k_pure": args.ours_q2_k_pure, "q3_k_s": args.ours_q3_k_s,

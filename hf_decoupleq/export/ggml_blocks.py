@@ -9,14 +9,17 @@ the tests compare against.
 * ``Q4_1`` (32 values, 20 bytes): fp16 ``d``, fp16 ``m``, 16 bytes of nibbles; ``w = d q + m``.
 * ``Q5_0`` (32 values, 22 bytes): fp16 ``d``, 4 bytes with the high bit of value ``j`` at bit ``j``, 16 bytes of
   low nibbles; ``w = d (q - 16)``.
+* ``Q5_1`` (32 values, 24 bytes): fp16 ``d``, fp16 ``m``, then as ``Q5_0``; ``w = d q + m``.
 * ``Q8_0`` (32 values, 34 bytes): fp16 ``d``, 32 int8; ``w = d q``.
-  In all three, byte ``j`` of the nibbles holds value ``j`` (low nibble) and value ``j + 16`` (high nibble).
+  In all of them, byte ``j`` of the nibbles holds value ``j`` (low nibble) and value ``j + 16`` (high nibble).
 * ``Q2_K`` (256 values, 84 bytes): 16 bytes of (4-bit scale | 4-bit min << 4) for 16 sub-blocks of 16, 64 bytes of
   2-bit codes, fp16 ``d``, fp16 ``dmin``; ``w = d sc q - dmin m``.
 * ``Q3_K`` (256 values, 110 bytes): 32 bytes of high bits, 64 bytes of low 2 bits, 12 bytes of 16 6-bit signed scales
   (stored ``+32``), fp16 ``d``; ``w = d sc (q - 4)`` with ``q`` in ``[0, 7]``.
 * ``Q4_K`` (256 values, 144 bytes): fp16 ``d``, fp16 ``dmin``, 12 bytes of 8 6-bit scales and 8 6-bit mins for
   sub-blocks of 32, 128 bytes of nibbles; ``w = d sc q - dmin m``.
+* ``Q5_K`` (256 values, 176 bytes): as ``Q4_K`` with 32 bytes of high bits between the scales and the nibbles (bit
+  ``i`` of byte ``l`` is the high bit of value ``32 i + l``); codes in ``[0, 31]``.
 
 In the k-quants, codes of value ``e`` of a 128-value half (``e = 32 j + l``) sit at bits ``2 j`` (``Q2_K``/``Q3_K``)
 of byte ``l`` of that half's 32 bytes; in ``Q4_K`` a 64-value chunk's 32 bytes hold its first 32 values in the low
@@ -34,6 +37,7 @@ __all__ = [
     "pack_q4_0",
     "pack_q4_1",
     "pack_q5_0",
+    "pack_q5_1",
     "pack_q8_0",
     "quantize_k",
     "recover_grid",
@@ -42,8 +46,8 @@ __all__ = [
 QK = 32
 QK_K = 256
 # (values per block, bytes per block), as in gguf.GGML_QUANT_SIZES.
-BLOCK_SIZES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q8_0": (32, 34), "Q2_K": (256, 84),
-               "Q3_K": (256, 110), "Q4_K": (256, 144)}  # fmt: skip
+BLOCK_SIZES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+               "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176)}  # fmt: skip
 
 
 def _f16_bytes(x: np.ndarray) -> np.ndarray:
@@ -76,13 +80,25 @@ def pack_q4_0(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
     return out.reshape(codes.shape[0], -1)
 
 
-def pack_q5_0(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """``Q5_0`` bytes of codes ``[N, K]`` in ``[0, 31]`` with per-block ``d`` ``[N, K / 32]``: ``w = d (q - 16)``."""
-    q = _blocks(codes, QK).astype(np.uint32)
+def _five_bit32(q: np.ndarray) -> np.ndarray:
+    """``[..., 32]`` 5-bit codes -> ``[..., 20]`` bytes: the 32 high bits (value ``j`` at bit ``j`` of a little-endian
+    uint32), then the low nibbles as in ``Q4_0``."""
+    q = q.astype(np.uint32)
     high = ((q >> 4) & 1) << np.arange(QK, dtype=np.uint32)
     qh = np.bitwise_or.reduce(high, axis=-1).astype("<u4")
     qh_bytes = np.ascontiguousarray(qh).view(np.uint8).reshape(*qh.shape, 4)
-    out = np.concatenate([_f16_bytes(d), qh_bytes, _nibbles32(q & 0x0F)], axis=-1)
+    return np.concatenate([qh_bytes, _nibbles32(q & 0x0F)], axis=-1)
+
+
+def pack_q5_0(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """``Q5_0`` bytes of codes ``[N, K]`` in ``[0, 31]`` with per-block ``d`` ``[N, K / 32]``: ``w = d (q - 16)``."""
+    out = np.concatenate([_f16_bytes(d), _five_bit32(_blocks(codes, QK))], axis=-1)
+    return out.reshape(codes.shape[0], -1)
+
+
+def pack_q5_1(codes: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """``Q5_1`` bytes of codes ``[N, K]`` in ``[0, 31]`` with per-block ``d``, ``m`` ``[N, K / 32]``: ``w = d q + m``."""
+    out = np.concatenate([_f16_bytes(d), _f16_bytes(m), _five_bit32(_blocks(codes, QK))], axis=-1)
     return out.reshape(codes.shape[0], -1)
 
 
@@ -185,21 +201,46 @@ def _pack_q3_k(q, sc, d) -> np.ndarray:
     return np.concatenate([hmask, qs, packed, _f16_bytes(d[:, None]).reshape(b, 2)], axis=-1)
 
 
-def _pack_q4_k(q, sc, mn, d, dmin) -> np.ndarray:
-    b = q.shape[0]
+def _scales_k(sc, mn) -> np.ndarray:
+    """8 6-bit scales and 8 6-bit mins ``[B, 8]`` -> the 12 bytes of ``Q4_K``/``Q5_K``."""
+    b = sc.shape[0]
     sc, mn = sc.astype(np.uint8), mn.astype(np.uint8)
     packed = np.empty((b, 12), dtype=np.uint8)
     packed[:, 0:4] = (sc[:, 0:4] & 0x3F) | ((sc[:, 4:8] >> 4) << 6)
     packed[:, 4:8] = (mn[:, 0:4] & 0x3F) | ((mn[:, 4:8] >> 4) << 6)
     packed[:, 8:12] = (sc[:, 4:8] & 0x0F) | ((mn[:, 4:8] & 0x0F) << 4)
-    qc = q.astype(np.uint8).reshape(b, 4, 2, 32)  # [chunk, low/high, l]
-    qs = (qc[:, :, 0] | (qc[:, :, 1] << 4)).reshape(b, 128)
-    return np.concatenate([_f16_bytes(d[:, None]).reshape(b, 2), _f16_bytes(dmin[:, None]).reshape(b, 2), packed, qs],
-                          axis=-1)  # fmt: skip
+    return packed
+
+
+def _nibbles_k(q) -> np.ndarray:
+    """``[B, 256]`` codes -> 128 bytes: per 64-value chunk, values ``l`` low and ``32 + l`` high in byte ``l``."""
+    qc = (q.astype(np.uint8) & 0x0F).reshape(q.shape[0], 4, 2, 32)  # [chunk, low/high, l]
+    return (qc[:, :, 0] | (qc[:, :, 1] << 4)).reshape(q.shape[0], 128)
+
+
+def _super_k(d, dmin) -> np.ndarray:
+    b = d.shape[0]
+    return np.concatenate([_f16_bytes(d[:, None]).reshape(b, 2), _f16_bytes(dmin[:, None]).reshape(b, 2)], axis=-1)
+
+
+def _pack_q4_k(q, sc, mn, d, dmin) -> np.ndarray:
+    return np.concatenate([_super_k(d, dmin), _scales_k(sc, mn), _nibbles_k(q)], axis=-1)
+
+
+def _pack_q5_k(q, sc, mn, d, dmin) -> np.ndarray:
+    """``q`` ``[B, 256]`` in ``[0, 31]``: the low nibbles as in ``Q4_K``, the high bit of value ``32 i + l`` at bit
+    ``i`` of byte ``l`` of ``qh``."""
+    b = q.shape[0]
+    high = ((q.astype(np.uint8) >> 4) & 1).reshape(b, 8, 32)
+    qh = np.zeros((b, 32), dtype=np.uint8)
+    for i in range(8):
+        qh |= high[:, i] << i
+    return np.concatenate([_super_k(d, dmin), _scales_k(sc, mn), qh, _nibbles_k(q)], axis=-1)
 
 
 def _quantize_affine_k(x: np.ndarray, sub: int, qmax: int, levels: int, pack) -> np.ndarray:
-    """``w = d sc q - dmin m`` types (Q2_K: sub 16, qmax 3, 4-bit levels; Q4_K: sub 32, qmax 15, 6-bit levels)."""
+    """``w = d sc q - dmin m`` types (Q2_K: sub 16, qmax 3, 4-bit levels; Q4_K/Q5_K: sub 32, qmax 15/31, 6-bit
+    levels)."""
     b = x.shape[0]
     n_sub = QK_K // sub
     xs = x.reshape(b * n_sub, sub)
@@ -230,7 +271,7 @@ def _quantize_q3_k(x: np.ndarray) -> np.ndarray:
 
 
 def quantize_k(w: np.ndarray, qtype: str) -> np.ndarray:
-    """Quantize rows ``w`` ``[N, K]`` (``K`` a multiple of 256) to ``Q2_K``/``Q3_K``/``Q4_K`` block bytes.
+    """Quantize rows ``w`` ``[N, K]`` (``K`` a multiple of 256) to ``Q2_K``/``Q3_K``/``Q4_K``/``Q5_K`` block bytes.
 
     Round-to-nearest on a per-sub-block search for the sub-block's scale (and min): the lossy conversion of an
     existing checkpoint onto these grids. It takes no calibration data (unlike ``llama-quantize`` with an importance
@@ -244,6 +285,8 @@ def quantize_k(w: np.ndarray, qtype: str) -> np.ndarray:
         out = _quantize_affine_k(x, 16, 3, 15, _pack_q2_k)
     elif qtype == "Q4_K":
         out = _quantize_affine_k(x, 32, 15, 63, _pack_q4_k)
+    elif qtype == "Q5_K":
+        out = _quantize_affine_k(x, 32, 31, 63, _pack_q5_k)
     elif qtype == "Q3_K":
         out = _quantize_q3_k(x)
     else:
@@ -260,6 +303,7 @@ KQUANT_LEVELS = {
     "Q2_K": (16, 2, (0, 15), (0, 15)),
     "Q3_K": (16, 3, (-32, 31), None),
     "Q4_K": (32, 4, (0, 63), (0, 63)),
+    "Q5_K": (32, 5, (0, 63), (0, 63)),
 }
 
 
@@ -297,15 +341,17 @@ def recover_grid(values: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.n
 
 
 def pack_kquant(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, qtype: str) -> np.ndarray | str:
-    """``Q2_K``/``Q3_K``/``Q4_K`` bytes of a layer whose per-sub-block ``scales``, ``zeros`` ``[N, K / sub]`` lie on
+    """``Q2_K``/``Q3_K``/``Q4_K``/``Q5_K`` bytes of a layer whose per-sub-block ``scales``, ``zeros`` ``[N, K / sub]`` lie on
     the type's grid (``s = d sc``, ``z = -dmin m``; ``z = -4 s`` for ``Q3_K``), with codes ``[N, K]``.
 
     Returns the bytes ``[N, K / 256 * type_size]``, or a string saying why the layer is not on the grid.
     """
-    sub, _bits, srange, mrange = KQUANT_LEVELS[qtype]
+    sub, bits, srange, mrange = KQUANT_LEVELS[qtype]
     n, k = codes.shape
     if k % QK_K:
         return f"in_features {k} is not a multiple of {QK_K}"
+    if codes.size and (codes.min() < 0 or codes.max() > (1 << bits) - 1):
+        return f"codes span [{codes.min()}, {codes.max()}], {qtype} holds [0, {(1 << bits) - 1}]"
     nsub = QK_K // sub
     rows = n * (k // QK_K)
     s = scales.astype(np.float64).reshape(rows, nsub)
@@ -322,5 +368,5 @@ def pack_kquant(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, qtype:
         dmin, mn, ok = recover_grid(-z, *mrange)
         if not ok.all():
             return f"{int((~ok).sum())} of {rows} super-blocks have zeros that are not -fp16 dmin * {mrange} integers"
-        out = (_pack_q2_k if qtype == "Q2_K" else _pack_q4_k)(q, sc, mn, d, dmin)
+        out = {"Q2_K": _pack_q2_k, "Q4_K": _pack_q4_k, "Q5_K": _pack_q5_k}[qtype](q, sc, mn, d, dmin)
     return np.ascontiguousarray(out).reshape(n, -1)

@@ -8,13 +8,17 @@ GGML block bytes packed here in numpy; everything else is F16 (2-D) or F32 (1-D)
 Exact paths (the only loss is rounding each block's scale and zero to fp16), for ``K`` and the group size multiples
 of 32 and checkpoints without incoherence processing:
 
-* ``Q4_1`` (``w = d q + m``): any checkpoint with ``bits <= 4`` (``d = s``, ``m = z`` per block of 32);
-* ``Q4_0`` (``w = d (q - 8)``): symmetric checkpoints (``z = -2**(bits-1) s``) with ``bits <= 4``;
-* ``Q8_0`` (``w = d q``): symmetric checkpoints with ``bits <= 8``;
-* ``Q5_0`` (``w = d (q - 16)``): symmetric checkpoints with ``bits <= 4`` (the fallback of ``Q4_K``);
-* ``Q2_K``, ``Q3_K``, ``Q4_K``: checkpoints made with ``DecoupleQConfig(gguf_type=...)``, whose float32 scales and
-  zeros lie on the k-quant grid: ``d``, ``sc``, ``dmin``, ``m`` are recovered exactly and the file holds exactly the
-  checkpoint's weights (no fp16 rounding left: the solver already rounded ``d`` and ``dmin``).
+* ``Q4_1`` (``w = d q + m``): codes in ``[0, 15]`` (any checkpoint with ``bits <= 4``; ``d = s``, ``m = z`` per block
+  of 32);
+* ``Q5_1`` (``w = d q + m``): codes in ``[0, 31]`` (``bits <= 4``, or the 5-bit layers of ``gguf_type`` checkpoints,
+  stored with 8-bit codes);
+* ``Q4_0`` (``w = d (q - 8)``), ``Q5_0`` (``w = d (q - 16)``), ``Q8_0`` (``w = d q``): symmetric layers
+  (``z = -r s`` with one integer ``r`` per layer, ``r = 2**(bits-1)`` for ``symmetric=True`` checkpoints) whose
+  shifted codes ``q - r + 8`` / ``q - r + 16`` / ``q - r`` fit the type;
+* ``Q2_K``, ``Q3_K``, ``Q4_K``, ``Q5_K``: checkpoints made with ``DecoupleQConfig(gguf_type=...)``, whose float32
+  scales and zeros lie on the k-quant grid: ``d``, ``sc``, ``dmin``, ``m`` are recovered exactly and the file holds
+  exactly the checkpoint's weights (no fp16 rounding left: the solver already rounded ``d`` and ``dmin``; the block-32
+  layers of such a checkpoint also hold fp16 values already).
 
 Anything else (other group sizes, asymmetric to ``Q4_0``, k-quants of other checkpoints, rotated checkpoints) only goes
 through ``lossy=True``: the dequantized weight is requantized to the type and the relative weight error it adds is logged.
@@ -35,7 +39,8 @@ import numpy as np
 import torch
 
 from ..errors import DecoupleQConfigError, UnsupportedModelError
-from .ggml_blocks import KQUANT_LEVELS, pack_kquant, pack_q4_0, pack_q4_1, pack_q5_0, pack_q8_0, quantize_k
+from ..format import storage_bits
+from .ggml_blocks import KQUANT_LEVELS, pack_kquant, pack_q4_0, pack_q4_1, pack_q5_0, pack_q5_1, pack_q8_0, quantize_k
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +49,14 @@ __all__ = ["ARCHITECTURES", "GGUF_TYPES", "GGUFExportReport", "TensorRecord", "e
 # transformers model_type -> (gguf architecture, whether llama.cpp expects q/k rows permuted for its RoPE layout).
 ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
 # Quantized tensor types this exporter writes (lower case, as in ``--format gguf:q4_0``).
-GGUF_TYPES = ("q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k")
+GGUF_TYPES = ("q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k")
 FLOAT_TYPES = ("f16", "f32")
 # Which type a k-quant falls back to for rows that are not a multiple of 256 long (what llama-quantize does).
-K_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0"}
+K_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1"}
 _FILE_TYPES = {
     "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q8_0": "MOSTLY_Q8_0", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1",
-    "q2_k": "MOSTLY_Q2_K", "q3_k": "MOSTLY_Q3_K_S", "q4_k": "MOSTLY_Q4_K_S", "f16": "MOSTLY_F16", "f32": "ALL_F32",
+    "q2_k": "MOSTLY_Q2_K", "q3_k": "MOSTLY_Q3_K_S", "q4_k": "MOSTLY_Q4_K_S", "q5_k": "MOSTLY_Q5_K_S",
+    "f16": "MOSTLY_F16", "f32": "ALL_F32",
 }  # fmt: skip
 # Pre-tokenizer regexes of the tokenizer families llama.cpp knows by name (tokenizer.json "Split" patterns).
 _LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -297,14 +303,46 @@ def _per_block(t: torch.Tensor, group: int, k: int) -> np.ndarray:
     return t.detach().float().T[:, idx].cpu().numpy()
 
 
+# Block-32 types: (code bits, offset added to a symmetric layer's codes after removing its own ``r``; None: asymmetric).
+_BLOCK32 = {"q4_0": (4, 8), "q5_0": (5, 16), "q8_0": (8, 0), "q4_1": (4, None), "q5_1": (5, None)}
+
+
+def _codes(layer: Any) -> torch.Tensor:
+    from ..packing import unpack
+
+    return unpack(layer.qweight, layer.bits, layer.in_features)
+
+
+def _symmetric_offset(layer: Any) -> int | None:
+    """``r`` if the layer's zeros are ``-r * scales`` for one integer ``r`` (to the stored precision), else None."""
+    s, z = layer.scales.detach().double(), layer.zeros.detach().double()
+    nonzero = s != 0
+    if not bool(nonzero.any()):
+        return None
+    r = int(torch.round(torch.median(-z[nonzero] / s[nonzero])))
+    # Scaling by a power of two is exact in binary floating point, so a symmetric checkpoint satisfies this to the
+    # stored precision; a free zero (asymmetric, or moved by the block-wise stage) does not.
+    if not torch.allclose(z, -r * s, rtol=1e-3, atol=1e-12 + 1e-3 * float(s.abs().max())):
+        return None
+    return r
+
+
+def _code_range(layer: Any, shift: int) -> tuple[int, int]:
+    """``(min, max)`` of the layer's codes plus ``shift`` (from the code width alone when that suffices)."""
+    if layer.bits <= 4:  # native widths: the range is known without unpacking
+        return shift, (1 << layer.bits) - 1 + shift
+    codes = _codes(layer)
+    return int(codes.min()) + shift, int(codes.max()) + shift
+
+
 def _exact_reason(layer: Any, qtype: str) -> str:
-    """Why ``qtype`` blocks cannot hold the layer's codes exactly, or ``""`` if they can (cheap: no unpacking)."""
+    """Why ``qtype`` blocks cannot hold the layer's codes exactly, or ``""`` if they can."""
     k, bits, g = layer.in_features, layer.bits, layer.effective_group_size
     if getattr(layer, "hadamard_signs", None) is not None:
         return "rotated (incoherence processing)"
     if qtype.upper() in KQUANT_LEVELS:
         sub, kbits, _, _ = KQUANT_LEVELS[qtype.upper()]
-        if bits != kbits or g != sub or k % 256:
+        if bits != storage_bits(kbits) or g != sub or k % 256:
             return (
                 f"{qtype.upper()} holds {kbits}-bit codes in sub-blocks of {sub} with K % 256 == 0, this layer is "
                 f"W{bits} g{g} with K={k} (quantize with gguf_type={qtype!r})"
@@ -313,63 +351,51 @@ def _exact_reason(layer: Any, qtype: str) -> str:
         return result if isinstance(result, str) else ""
     if k % 32 or g % 32:
         return f"in_features {k} and group size {g} must be multiples of 32"
-    if qtype == "q5_0":
-        qtype_holds = "q4_0"  # a symmetric layer of <= 4 bits, codes shifted by 16 - 2**(bits-1)
-        return _exact_reason(layer, qtype_holds).replace("Q4_0", "Q5_0")
-    if qtype not in ("q4_0", "q4_1", "q8_0"):
+    if qtype not in _BLOCK32:
         return f"{qtype.upper()} does not hold a {bits}-bit g{g} checkpoint"
-    limit = 8 if qtype == "q8_0" else 4
-    if bits > limit:
-        return f"{qtype.upper()} holds at most {limit}-bit codes, this layer has {bits}"
-    if qtype == "q4_1":
-        return ""
-    # Symmetric: z = -2**(bits-1) s. Scaling by a power of two is exact in binary floating point, so a symmetric
-    # checkpoint satisfies this to the stored precision; a free zero (asymmetric, or moved by the block-wise stage)
-    # does not.
-    mid = 1 << (bits - 1)
-    s, z = layer.scales.detach().double(), layer.zeros.detach().double()
-    if not torch.allclose(z, -mid * s, rtol=1e-3, atol=1e-12 + 1e-3 * float(s.abs().max())):
-        return f"zeros are not -{mid} * scales (not a symmetric checkpoint); {qtype.upper()} needs that"
+    tbits, offset = _BLOCK32[qtype]
+    lo, hi = (0, (1 << tbits) - 1) if offset is None else (-(1 << (tbits - 1)), (1 << (tbits - 1)) - 1)
+    if offset is None:
+        shift = 0
+    else:
+        r = _symmetric_offset(layer)
+        if r is None:
+            return f"zeros are not -r * scales for one integer r (not a symmetric checkpoint); {qtype.upper()} needs that"
+        shift, lo, hi = offset - r, lo + offset, hi + offset
+    cmin, cmax = _code_range(layer, shift)
+    if cmin < lo or cmax > hi:
+        return f"{qtype.upper()} holds {tbits}-bit codes; this layer's (shifted) codes span [{cmin}, {cmax}]"
     return ""
 
 
 def _kquant_bytes(layer: Any, qtype: str) -> np.ndarray | str:
     """The layer's k-quant blocks, or why its scales and zeros are not on the grid of ``qtype``."""
-    from ..packing import unpack
-
     if layer.scales.dtype != torch.float32:
         return f"scales are {str(layer.scales.dtype).removeprefix('torch.')}, which cannot hold d * sc exactly " \
             "(quantize a float32 model for an exact k-quant export)"
-    codes = unpack(layer.qweight, layer.bits, layer.in_features).numpy()
     scales = layer.scales.detach().T.double().cpu().numpy()
     zeros = layer.zeros.detach().T.double().cpu().numpy()
-    return pack_kquant(codes, scales, zeros, qtype.upper())
+    return pack_kquant(_codes(layer).numpy(), scales, zeros, qtype.upper())
 
 
 def _exact_bytes(layer: Any, qtype: str) -> np.ndarray:
     """The layer's codes in ``qtype`` blocks (for a layer and type with an empty :func:`_exact_reason`)."""
-    from ..packing import unpack
-
     if qtype.upper() in KQUANT_LEVELS:
         return _kquant_bytes(layer, qtype)
-    k, bits, g = layer.in_features, layer.bits, layer.effective_group_size
+    k, g = layer.in_features, layer.effective_group_size
     s = _per_block(layer.scales, g, k)
-    codes = unpack(layer.qweight, bits, k).numpy().astype(np.int16)
-    mid = 1 << (bits - 1)
-    if qtype == "q4_1":
-        return pack_q4_1(codes, s, _per_block(layer.zeros, g, k))
-    if qtype == "q4_0":
-        return pack_q4_0(codes + (8 - mid), s)
-    if qtype == "q5_0":
-        return pack_q5_0(codes + (16 - mid), s)
-    return pack_q8_0(codes - mid, s)
+    codes = _codes(layer).numpy().astype(np.int16)
+    if qtype in ("q4_1", "q5_1"):
+        return (pack_q4_1 if qtype == "q4_1" else pack_q5_1)(codes, s, _per_block(layer.zeros, g, k))
+    shifted = codes + (_BLOCK32[qtype][1] - _symmetric_offset(layer))
+    return {"q4_0": pack_q4_0, "q5_0": pack_q5_0, "q8_0": pack_q8_0}[qtype](shifted, s)
 
 
 def _requantize(w: np.ndarray, qtype: str) -> np.ndarray:
     """Quantize a float weight ``[N, K]`` to ``qtype`` block bytes (lossy)."""
     import gguf
 
-    if qtype in ("q2_k", "q3_k", "q4_k"):
+    if qtype in ("q2_k", "q3_k", "q4_k", "q5_k"):
         return quantize_k(w, qtype.upper())
     return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), gguf.GGMLQuantizationType[qtype.upper()])
 
@@ -394,11 +420,13 @@ def _check_type(name: str, value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def _checkpoint_gguf_type(config: Any) -> str | None:
-    """``gguf_type`` of the checkpoint's quantization config (a k-quant checkpoint exports as that type)."""
+def _checkpoint_gguf_types(config: Any) -> tuple[str | None, dict[str, str] | None]:
+    """``gguf_type`` and ``gguf_layer_types`` of the checkpoint's quantization config (a checkpoint made with them
+    exports as those types)."""
     qc = getattr(config, "quantization_config", None)
-    value = qc.get("gguf_type") if isinstance(qc, dict) else getattr(qc, "gguf_type", None)
-    return str(value).lower() if value else None
+    get = qc.get if isinstance(qc, dict) else lambda key: getattr(qc, key, None)
+    value = get("gguf_type")
+    return (str(value).lower() if value else None), get("gguf_layer_types") or None
 
 
 def _auto_type(layers: dict[str, Any]) -> str:
@@ -429,9 +457,9 @@ def export_gguf(
             model whose quantized layers are `DecoupleQLinear` (then pass ``tokenizer``).
         path: the ``.gguf`` file to write (overwritten).
         quant_type (`str`, *optional*): GGML type of the quantized layers, one of `GGUF_TYPES`. `None` picks the type
-            that holds the checkpoint exactly: the checkpoint's ``gguf_type`` (with llama-quantize's fallback for
-            layers whose ``in_features`` is not a multiple of 256), else ``q4_0`` for symmetric W4, ``q8_0`` for symmetric W8,
-            else ``q4_1``.
+            that holds the checkpoint exactly: the checkpoint's ``gguf_type`` and ``gguf_layer_types`` (with
+            llama-quantize's fallback for layers whose ``in_features`` is not a multiple of 256), else ``q4_0`` for
+            symmetric W4, ``q8_0`` for symmetric W8, else ``q4_1``.
         lossy (`bool`, defaults to `False`): allow layers the type cannot hold exactly (other group sizes, k-quants,
             asymmetric to ``q4_0``, rotated checkpoints): their dequantized weight is requantized to the type and the
             relative weight error is logged and reported. Without it such layers raise `DecoupleQConfigError`.
@@ -463,9 +491,15 @@ def export_gguf(
     model, tokenizer = _load(model_or_path, tokenizer)
     config = model.config
     arch, layers = _packed_layers(model, lossy)
-    default_type = quant_type or _checkpoint_gguf_type(model.config) or _auto_type(layers)
+    ckpt_type, ckpt_layer_types = _checkpoint_gguf_types(model.config)
+    default_type = quant_type or ckpt_type or _auto_type(layers)
+    layer_types = None
+    if quant_type is None and ckpt_type is not None and ckpt_layer_types:
+        from ..solver.kquant import resolve_gguf_type
+
+        layer_types = {n: resolve_gguf_type(n, ckpt_type, ckpt_layer_types) for n in layers}
     names = _Names(gguf, config, arch)
-    plans = _plan_layers(layers, names, default_type, tensor_types, lossy)
+    plans = _plan_layers(layers, names, default_type, tensor_types, lossy, layer_types)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -554,16 +588,22 @@ class _Names:
 
 
 def _plan_layers(
-    layers: dict[str, Any], names: _Names, default_type: str, tensor_types: dict[str, str] | None, lossy: bool
+    layers: dict[str, Any],
+    names: _Names,
+    default_type: str,
+    tensor_types: dict[str, str] | None,
+    lossy: bool,
+    layer_types: dict[str, str] | None = None,
 ) -> dict[str, tuple[str, str, bool, str]]:
     """`(gguf name, type, exact, note)` of every quantized layer, planned before anything is written, so a refusal
-    costs nothing and names every offending layer."""
+    costs nothing and names every offending layer. `layer_types` (by module name) replaces `default_type` per layer;
+    `tensor_types` (by GGUF name) wins over both."""
     plans: dict[str, tuple[str, str, bool, str]] = {}
     refused: list[str] = []
     for lname, layer in layers.items():
         hf_name = f"{lname}.weight"
         out_name = names.gguf_name(hf_name)
-        qtype = _resolve_type(out_name, default_type, tensor_types)
+        qtype = _resolve_type(out_name, (layer_types or {}).get(lname, default_type), tensor_types)
         note = ""
         if qtype in K_FALLBACK and layer.in_features % 256:
             fallback = K_FALLBACK[qtype]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import DecoupleQConfigError
+from ..format import storage_bits
 from ..hadamard import check_signs, has_transform, inverse_transform, transform_input
 from ..kernels import interpreting, reference, triton_available
 from ..packing import SUPPORTED_BITS, effective_group_size, num_groups, pack, packed_rows, unpack
@@ -181,7 +182,8 @@ class DecoupleQLinear(nn.Module):
         Args:
             linear (`nn.Linear`): the layer that was quantized.
             quantized: any object with ``codes`` (integer ``[out, in]``), ``scales`` and ``zeros`` (``[out, G]``),
-                ``bits`` and ``group_size`` (effective, in columns; ``-1`` is accepted for per-channel).
+                ``bits`` and ``group_size`` (effective, in columns; ``-1`` is accepted for per-channel). Codes of a
+                width the packed format lacks (5 bits) are stored in the next wider one (8 bits).
             dtype (`torch.dtype`, *optional*): dtype of scales/zeros/bias; defaults to ``linear.weight.dtype``.
             hadamard_signs (`torch.Tensor`, *optional*): the +-1 signs of the incoherence transform, when the codes
                 quantize ``W V^T`` rather than ``W``.
@@ -193,7 +195,7 @@ class DecoupleQLinear(nn.Module):
         codes = quantized.codes
         if tuple(codes.shape) != (n_out, k):
             raise DecoupleQConfigError(f"codes shape {tuple(codes.shape)} != linear weight shape {(n_out, k)}")
-        bits, group_size = int(quantized.bits), int(quantized.group_size)
+        bits, group_size = storage_bits(int(quantized.bits)), int(quantized.group_size)
         n_groups = num_groups(k, group_size)
         for name in ("scales", "zeros"):
             t = getattr(quantized, name)

@@ -148,7 +148,9 @@ def _quantize_or_restore(
     """`quantize_block` (saving the result to `store`), or the block as `store` saved it in an earlier run."""
     index = kwargs["block_index"]
     if store is not None and store.has(index):
-        store.load_block(index, block, bits=config.bits, group_size=config.group_size, gguf_type=config.gguf_type)
+        prefix = kwargs["block_name"]
+        store.load_block(index, block, bits=config.bits, group_size=config.group_size,
+                         gguf_type=lambda name: config.gguf_type_for(f"{prefix}.{name}"))  # fmt: skip
         logger.info("%s: restored from %s", kwargs["block_name"], config.checkpoint_dir)
         return store.stats(index)
     stats = quantize_block(block, inputs, config, **kwargs)

@@ -16,7 +16,7 @@ from ..solver import FakeQuantLinear, HessianAccumulator, solve_layer
 logger = logging.getLogger(__name__)
 
 
-def _solve_kwargs(config: DecoupleQConfig) -> dict[str, Any]:
+def _solve_kwargs(config: DecoupleQConfig, full_name: str) -> dict[str, Any]:
     return {
         "bits": config.bits,
         "group_size": config.group_size,
@@ -26,7 +26,7 @@ def _solve_kwargs(config: DecoupleQConfig) -> dict[str, Any]:
         "damp": config.damp,
         "symmetric": config.symmetric,
         "integer_zero": config.integer_zero,
-        "gguf_type": config.gguf_type,
+        "gguf_type": config.gguf_type_for(full_name),
     }
 
 
@@ -70,7 +70,8 @@ def solve_group(
             # Quantize W V^T against V H V^T; the proxy loss is the same as in the original basis, since V is
             # orthogonal.
             weight, H_layer = transform_weight(weight.float(), signs), H_rot
-        result = solve_layer(weight, H_layer, name=f"{block_name}.{name}", **_solve_kwargs(config))
+        full_name = f"{block_name}.{name}"
+        result = solve_layer(weight, H_layer, name=full_name, **_solve_kwargs(config, full_name))
         bias = None if linear.bias is None else linear.bias.detach().to(device=device, dtype=torch.float32)
         fq = FakeQuantLinear.from_result(result, bias=bias, hadamard_signs=signs)
         mean_loss = float(result.loss.mean())

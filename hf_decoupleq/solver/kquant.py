@@ -1,4 +1,5 @@
-"""decoupleQ inside llama.cpp's k-quant block structures (``Q2_K``, ``Q3_K``, ``Q4_K``) and their block-32 fallbacks.
+"""decoupleQ inside llama.cpp's k-quant block structures (``Q2_K``, ``Q3_K``, ``Q4_K``, ``Q5_K``) and the block-32
+types (``Q4_0``, ``Q5_0``, ``Q5_1``) they fall back to.
 
 A k-quant layer is an ordinary decoupleQ layer (codes, one scale and zero per group) whose groups are the k-quant's
 sub-blocks and whose scales and zeros lie exactly on the k-quant's grid. Per super-block of 256 input columns:
@@ -7,17 +8,20 @@ sub-blocks and whose scales and zeros lie exactly on the k-quant's grid. Per sup
   ``[0, 15]`` and fp16 ``d``, ``dmin``;
 * ``Q3_K``: 16 sub-blocks of 16, 3-bit codes, symmetric ``w = d sc (q - 4)``, i.e. ``s = d sc``, ``z = -4 s`` with a
   signed 6-bit ``sc`` in ``[-32, 31]`` and fp16 ``d``;
-* ``Q4_K``: 8 sub-blocks of 32, 4-bit codes, ``s = d sc``, ``z = -dmin m`` with ``sc``, ``m`` in ``[0, 63]``.
+* ``Q4_K``: 8 sub-blocks of 32, 4-bit codes, ``s = d sc``, ``z = -dmin m`` with ``sc``, ``m`` in ``[0, 63]``;
+* ``Q5_K``: as ``Q4_K`` with 5-bit codes.
 
 A super-scale is fp16 and a level a small integer, so ``d * sc`` (at most 11 + 6 significant bits) is exact in float32:
 a float32 checkpoint holds the grid exactly and the GGUF export recovers ``d``, ``sc``, ``dmin`` and ``m`` from it.
 The solver never produces a zero scale (``sc`` is kept away from 0), so GPTQ's divisions stay finite.
 
 Layers whose input size is not a multiple of 256 get the type ``llama-quantize`` falls back to (``src/llama-quant.cpp``
-of the llama.cpp tree vendored in llama-cpp-python 0.3.36: ``Q2_K``/``Q3_K`` -> ``Q4_0``, ``Q4_K`` -> ``Q5_0``; a
-size that is not a multiple of 32 would be F16 there). ``Q4_0`` is a symmetric 4-bit layer with groups of 32. The
-packed format has no 5-bit codes, so a ``Q5_0`` fallback layer is solved as that same symmetric 4-bit layer; ``Q5_0``
-holds it exactly (codes shifted by 8), with one of its 5 bits unused.
+of the llama.cpp tree vendored in llama-cpp-python 0.3.36: ``Q2_K``/``Q3_K`` -> ``Q4_0``, ``Q4_K`` -> ``Q5_0``,
+``Q5_K`` -> ``Q5_1``; a size that is not a multiple of 32 would be F16 there). The block-32 types have one fp16 scale
+per 32 weights: ``Q4_0`` and ``Q5_0`` are symmetric 4- and 5-bit layers (``w = d (q - 8)``, ``w = d (q - 16)``),
+``Q5_1`` an asymmetric 5-bit layer with an fp16 min (``w = d q + m``). The packed format has no 5-bit codes: 5-bit
+layers are stored with 8-bit codes in ``[0, 31]`` (:attr:`LayerFormat.packed_bits`), and the GGUF export writes them
+back in 5 bits exactly.
 
 The layer-wise solve (:func:`solve_layer_kquant`) alternates, keeping the best of every step per row:
 
@@ -29,8 +33,9 @@ The layer-wise solve (:func:`solve_layer_kquant`) alternates, keeping the best o
 4. the free (s, z) step of decoupleQ, projected onto the grid again and re-fitted as in 3;
 5. GPTQ re-rounding on the new grid; steps 3-5 repeat ``rounds`` times.
 
-Fallback layers (and ``gguf_type="q4_0"``) are solved by :func:`solve_layer_block32`: the same alternation with fp16
-scales and no levels, from a per-group start whose scale sign is free (the largest weight on the ``-8 d`` side).
+Block-32 layers are solved by :func:`solve_layer_block32`: the same alternation with fp16 scales (and mins) and no
+levels; a symmetric layer starts from a per-group fit whose scale sign is free (the largest weight on the long
+``-2**(bits-1) d`` side).
 
 The block-wise stage keeps the grid: :class:`~hf_decoupleq.solver.blockwise.FakeQuantLinear` trains latent scales and
 zeros and uses their projection onto the grid (levels re-rounded against the layer-wise super-scales, a
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +54,7 @@ from typing import Any
 import torch
 
 from ..errors import DecoupleQConfigError
+from ..format import storage_bits
 from .quant import clip_search, dequantize, expand_groups, group_sum, minmax_params, row_losses, rtn_codes
 
 logger = logging.getLogger(__name__)
@@ -60,15 +67,16 @@ __all__ = [
     "LayerFormat",
     "layer_format",
     "project_to_grid",
+    "resolve_gguf_type",
     "solve_layer_block32",
     "solve_layer_kquant",
 ]
 
 QK_K = 256
 # The values of DecoupleQConfig.gguf_type.
-GGUF_TYPES = ("q2_k", "q3_k", "q4_k", "q4_0")
+GGUF_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q4_0", "q5_0", "q5_1")
 # llama-quantize's fallback for rows whose length is not a multiple of 256 (llama-quant.cpp, tensor_type_fallback).
-K_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0"}
+K_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1"}
 _F16_TINY = 2.0**-24  # the smallest positive fp16 (subnormal)
 
 
@@ -77,7 +85,7 @@ class LayerFormat:
     """How one layer is stored for a GGUF type.
 
     Attributes:
-        ggml_type: the GGML type of the layer in the file (``"q2_k"``, ``"q3_k"``, ``"q4_k"``, ``"q4_0"``, ``"q5_0"``).
+        ggml_type: the GGML type of the layer in the file (one of :data:`GGUF_TYPES`).
         bits, group_size, symmetric: the decoupleQ layer that holds it.
         scale_levels: integer range of the sub-block scale levels ``sc`` (k-quants only).
         min_levels: integer range of the sub-block min levels ``m`` (asymmetric k-quants only).
@@ -97,6 +105,11 @@ class LayerFormat:
         return self.scale_levels is not None
 
     @property
+    def packed_bits(self) -> int:
+        """The code width of the packed module that holds the layer (8 for the 5-bit types)."""
+        return storage_bits(self.bits)
+
+    @property
     def subs(self) -> int:
         """Sub-blocks per super-block of 256."""
         return QK_K // self.group_size
@@ -106,9 +119,20 @@ _FORMATS = {
     "q2_k": LayerFormat("q2_k", 2, 16, False, (0, 15), (0, 15)),
     "q3_k": LayerFormat("q3_k", 3, 16, True, (-32, 31)),
     "q4_k": LayerFormat("q4_k", 4, 32, False, (0, 63), (0, 63)),
+    "q5_k": LayerFormat("q5_k", 5, 32, False, (0, 63), (0, 63)),
     "q4_0": LayerFormat("q4_0", 4, 32, True),
-    "q5_0": LayerFormat("q5_0", 4, 32, True),
+    "q5_0": LayerFormat("q5_0", 5, 32, True),
+    "q5_1": LayerFormat("q5_1", 5, 32, False),
 }
+
+
+def resolve_gguf_type(name: str, gguf_type: str | None, layer_types: dict[str, str] | None) -> str | None:
+    """The GGUF type of the layer with full module name ``name``: the first pattern of ``layer_types``
+    (``{regex: type}``, ``DecoupleQConfig.gguf_layer_types``) that ``re.fullmatch``-es it, else ``gguf_type``."""
+    for pattern, qtype in (layer_types or {}).items():
+        if re.fullmatch(pattern, name):
+            return qtype
+    return gguf_type
 
 
 def layer_format(gguf_type: str, in_features: int, name: str | None = None) -> LayerFormat:
@@ -162,13 +186,15 @@ class KGrid:
 
 @dataclass(frozen=True, eq=False)
 class Fp16Grid:
-    """The grid of the block-32 fallback types (``Q4_0``, ``Q5_0``): scales rounded to fp16 (the type's ``d``), zeros
-    tied to ``-2**(bits-1) * scales``."""
+    """The grid of the block-32 types: scales rounded to fp16 (the type's ``d``); zeros tied to
+    ``-2**(bits-1) * scales`` (``Q4_0``, ``Q5_0``) or rounded to fp16 (the min ``m`` of ``Q5_1``)."""
 
     fmt: LayerFormat
 
     def project(self, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = _fp16(scales)
+        if not self.fmt.symmetric:
+            return s, _fp16(zeros)
         return s, -float(1 << (self.fmt.bits - 1)) * s
 
     def to(self, device: torch.device | str) -> Fp16Grid:
@@ -508,23 +534,24 @@ def solve_layer_block32(
     grid_steps: tuple[int, ...] = (16, 4, 1),
     **_: Any,
 ):
-    """A symmetric block-32 layer (``Q4_0``, or ``Q5_0`` held as W4) with fp16 scales: ``w = d (q - 8)``.
+    """A block-32 layer with fp16 scales: symmetric ``w = d (q - 2**(bits-1))`` (``Q4_0``, ``Q5_0``) or asymmetric
+    ``w = d q + m`` with an fp16 ``m`` (``Q5_1``).
 
-    As :func:`solve_layer_kquant` without levels: the starting points are the per-group fit weighted by ``diag H``
-    (the scale's sign free per group, so the weight of largest magnitude lands on the longer side ``-8 d``, as in
-    llama.cpp's own quantizer) and the per-row clipping search (positive scales); then GPTQ rounding, and ``rounds``
-    alternations of decoupleQ's (s)-step (rounded to fp16) and GPTQ re-rounding, each kept per row if it helps.
+    As :func:`solve_layer_kquant` without levels: the starting points are the per-group fit weighted by ``diag H`` (for
+    symmetric types the scale's sign is free per group, so the weight of largest magnitude lands on the longer side
+    ``-2**(bits-1) d``, as in llama.cpp's own quantizer) and the per-row clipping search; then GPTQ rounding, and
+    ``rounds`` alternations of decoupleQ's (s, z)-step (rounded to fp16) and GPTQ re-rounding, each kept per row if it
+    helps.
     """
     from .layerwise import QuantResult, _fast_low_precision, _validate, scale_zero_step
     from .rounding import DEFAULT_BLOCK_SIZE, gptq_round, prepare_gptq
 
-    if fmt.is_kquant or not fmt.symmetric:
-        raise DecoupleQConfigError(f"{fmt.ggml_type} is not a symmetric block-32 type")
+    if fmt.is_kquant:
+        raise DecoupleQConfigError(f"{fmt.ggml_type} is a k-quant: solve it with solve_layer_kquant")
     _validate(weight, H, fmt.bits, fmt.group_size, method, rounds, damp, compute_dtype, DEFAULT_BLOCK_SIZE, name)
     t0 = time.perf_counter()
     cd = compute_dtype
-    bits, g = fmt.bits, fmt.group_size
-    mid = float(1 << (bits - 1))
+    bits, g, sym = fmt.bits, fmt.group_size, fmt.symmetric
     grid = Fp16Grid(fmt)
     w = weight.detach().to(cd)
     h64 = H.detach().to(device=w.device, dtype=torch.float64)
@@ -532,58 +559,57 @@ def solve_layer_block32(
     stats: dict[str, Any] = {"method": method, "gguf_type": fmt.ggml_type, "rounds_run": 0, "damp": None}
     history: list[float] = []
 
-    def loss_of(codes, s):
-        return torch.nan_to_num(row_losses(w - dequantize(codes, s, -mid * s, g), h), nan=math.inf)
+    def loss_of(codes, s, z):
+        return torch.nan_to_num(row_losses(w - dequantize(codes, s, z, g), h), nan=math.inf)
 
     if method == "decoupleq":
         if clip_dtype is None:
             clip_dtype = _fast_low_precision(w.device) if cd == torch.float32 else cd
-        starts = [subblock_fit(w, h.diagonal(), fmt)[0],
-                  clip_search(w, h, bits, g, True, False, steps=grid_steps, eval_dtype=clip_dtype)[0]]  # fmt: skip
+        starts = [subblock_fit(w, h.diagonal(), fmt),
+                  clip_search(w, h, bits, g, sym, False, steps=grid_steps, eval_dtype=clip_dtype)[:2]]  # fmt: skip
     else:
-        starts = [minmax_params(w, bits, g, 1.0, True, False)[0]]
-    s = codes = loss = None
-    for cand in starts:
-        cand = _fp16(cand.to(cd))
-        cand_codes = rtn_codes(w, cand, -mid * cand, bits, g)
-        cand_loss = loss_of(cand_codes, cand)
+        starts = [minmax_params(w, bits, g, 1.0, sym, False)]
+    s = z = codes = loss = None
+    for cand_s, cand_z in starts:
+        cand_s, cand_z = grid.project(cand_s.to(cd), cand_z.to(cd))
+        cand_codes = rtn_codes(w, cand_s, cand_z, bits, g)
+        cand_loss = loss_of(cand_codes, cand_s, cand_z)
         if s is None:
-            s, codes, loss = cand, cand_codes, cand_loss
+            s, z, codes, loss = cand_s, cand_z, cand_codes, cand_loss
             continue
-        take = cand_loss < loss
-        s = torch.where(take[:, None], cand, s)
-        codes = torch.where(take[:, None], cand_codes, codes)
+        take = (cand_loss < loss)[:, None]
+        s, z = torch.where(take, cand_s, s), torch.where(take, cand_z, z)
+        codes = torch.where(take, cand_codes, codes)
         loss = torch.minimum(cand_loss, loss)
     if method != "rtn":
         factor = prepare_gptq(h64, damp, act_order, name, cd)
         stats["damp"] = factor.damp
-        codes_g = gptq_round(w, s, -mid * s, bits, g, factor)
-        loss_g = loss_of(codes_g, s)
+        codes_g = gptq_round(w, s, z, bits, g, factor)
+        loss_g = loss_of(codes_g, s, z)
         take = loss_g < loss if method == "decoupleq" else torch.ones_like(loss, dtype=torch.bool)
         codes = torch.where(take[:, None], codes_g, codes)
         loss = torch.where(take, loss_g, loss)
     if method == "decoupleq":
         history.append(float(loss.sum()))
         for _ in range(rounds):
-            s_f, _ = scale_zero_step(w, h, codes, g, bits, s, -mid * s, True, False, cd)
-            s_f = _fp16(s_f.to(cd))
-            loss_f = loss_of(codes, s_f)
+            s_f, z_f = scale_zero_step(w, h, codes, g, bits, s, z, sym, False, cd)
+            s_f, z_f = grid.project(s_f.to(cd), z_f.to(cd))
+            loss_f = loss_of(codes, s_f, z_f)
             take = loss_f < loss
-            s = torch.where(take[:, None], s_f, s)
+            s, z = torch.where(take[:, None], s_f, s), torch.where(take[:, None], z_f, z)
             loss = torch.where(take, loss_f, loss)
-            codes_g = gptq_round(w, s, -mid * s, bits, g, factor)
-            loss_g = loss_of(codes_g, s)
+            codes_g = gptq_round(w, s, z, bits, g, factor)
+            loss_g = loss_of(codes_g, s, z)
             take = loss_g < loss
             codes = torch.where(take[:, None], codes_g, codes)
             loss = torch.where(take, loss_g, loss)
             history.append(float(loss.sum()))
             stats["rounds_run"] += 1
-    scales = s.float()
-    zeros = -mid * scales
+    scales, zeros = s.float(), z.float()
     codes_u8 = codes.round().clamp_(0, (1 << bits) - 1).to(torch.uint8)
     w_hat = dequantize(codes_u8, scales, zeros, g).double()
     final = row_losses(weight.detach().to(torch.float64) - w_hat, h64)
     stats["loss_per_round"] = history
     stats["time_s"] = time.perf_counter() - t0
     return QuantResult(codes=codes_u8, scales=scales, zeros=zeros, loss=final, bits=bits, group_size=g, stats=stats,
-                       symmetric=True, grid=grid)  # fmt: skip
+                       symmetric=sym, grid=grid)  # fmt: skip

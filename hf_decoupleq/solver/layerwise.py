@@ -350,8 +350,8 @@ def solve_layer(
             always lower the proxy loss, but on SmolLM2 W2 g64 (layer-wise only, 32 calibration windows, 4 test
             windows) one sweep changed perplexity 231 -> 207 without incoherence and 93.8 -> 98.5 with it, for
             35-70% more quantization time, so it is off by default and not a `DecoupleQConfig` option.
-        gguf_type: solve inside a llama.cpp block structure instead (``"q2_k"``, ``"q3_k"``, ``"q4_k"``, ``"q4_0"``;
-            :mod:`hf_decoupleq.solver.kquant`): ``bits``, ``group_size`` and ``symmetric`` then come from the type and
+        gguf_type: solve inside a llama.cpp block structure instead (one of
+            :data:`hf_decoupleq.solver.kquant.GGUF_TYPES`, e.g. ``"q2_k"``, ``"q4_0"``, ``"q5_1"``): ``bits``, ``group_size`` and ``symmetric`` then come from the type and
             the layer's ``in_features`` (a k-quant, or llama-quantize's fallback type when ``in_features`` is not a
             multiple of 256), and ``integer_zero`` must be False.
 
@@ -371,8 +371,8 @@ def solve_layer(
         if fmt.fallback_from is not None:
             logger.info(
                 "layer %s: in_features=%d is not a multiple of 256, so %s falls back to %s (as llama-quantize does): "
-                "solved as symmetric W%d g%d", name, weight.shape[-1], fmt.fallback_from.upper(),
-                fmt.ggml_type.upper(), fmt.bits, fmt.group_size,
+                "solved as %s W%d g%d", name, weight.shape[-1], fmt.fallback_from.upper(), fmt.ggml_type.upper(),
+                "symmetric" if fmt.symmetric else "asymmetric", fmt.bits, fmt.group_size,
             )  # fmt: skip
         if fmt.is_kquant:
             return solve_layer_kquant(
