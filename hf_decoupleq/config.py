@@ -394,13 +394,6 @@ class DecoupleQConfig(QuantizationConfigMixin):
             if qtype not in GGUF_LAYERS:
                 fail("gguf_layer_types", f"the type of {pattern!r} must be one of {list(GGUF_LAYERS)}")
 
-    def gguf_type_for(self, name: str) -> str | None:
-        """The GGUF type of the layer with full module name `name`: the first `gguf_layer_types` pattern that matches
-        it (`re.fullmatch`), else `gguf_type`."""
-        from .solver.kquant import resolve_gguf_type
-
-        return resolve_gguf_type(name, self.gguf_type, self.gguf_layer_types)
-
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
         """Rebuild a config from `to_dict()` output (for instance a checkpoint's `config.json`).

@@ -36,6 +36,7 @@ from ..config import DecoupleQConfig
 from ..integration import check_quantizable, find_decoder_blocks
 from ..packing import required_format_version
 from ..resume import ResumeStore
+from ..solver.kquant import resolve_gguf_type
 from .block import quantize_block
 from .capture import BlockInputs, StopForward, capture_block_inputs
 from .end_to_end import end_to_end_teacher, run_end_to_end
@@ -150,7 +151,8 @@ def _quantize_or_restore(
     if store is not None and store.has(index):
         prefix = kwargs["block_name"]
         store.load_block(index, block, bits=config.bits, group_size=config.group_size,
-                         gguf_type=lambda name: config.gguf_type_for(f"{prefix}.{name}"))  # fmt: skip
+                         gguf_type=lambda name: resolve_gguf_type(f"{prefix}.{name}", config.gguf_type,
+                                                                  config.gguf_layer_types))  # fmt: skip
         logger.info("%s: restored from %s", kwargs["block_name"], config.checkpoint_dir)
         return store.stats(index)
     stats = quantize_block(block, inputs, config, **kwargs)

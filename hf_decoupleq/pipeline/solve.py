@@ -12,6 +12,7 @@ from torch import nn
 from ..config import DecoupleQConfig
 from ..hadamard import has_transform, random_signs, transform_hessian, transform_weight
 from ..solver import FakeQuantLinear, HessianAccumulator, solve_layer
+from ..solver.kquant import resolve_gguf_type
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ def _solve_kwargs(config: DecoupleQConfig, full_name: str) -> dict[str, Any]:
         "damp": config.damp,
         "symmetric": config.symmetric,
         "integer_zero": config.integer_zero,
-        "gguf_type": config.gguf_type_for(full_name),
+        "gguf_type": resolve_gguf_type(full_name, config.gguf_type, config.gguf_layer_types),
     }
 
 
