@@ -40,6 +40,7 @@ import torch
 
 from ..errors import DecoupleQConfigError, UnsupportedModelError
 from ..format import storage_bits
+from ..solver.kquant import K_FALLBACK  # llama-quantize's fallback for rows that are not a multiple of 256 long
 from .ggml_blocks import KQUANT_LEVELS, pack_kquant, pack_q4_0, pack_q4_1, pack_q5_0, pack_q5_1, pack_q8_0, quantize_k
 
 logger = logging.getLogger(__name__)
@@ -51,8 +52,6 @@ ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
 # Quantized tensor types this exporter writes (lower case, as in ``--format gguf:q4_0``).
 GGUF_TYPES = ("q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k")
 FLOAT_TYPES = ("f16", "f32")
-# Which type a k-quant falls back to for rows that are not a multiple of 256 long (what llama-quantize does).
-K_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1"}
 _FILE_TYPES = {
     "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q8_0": "MOSTLY_Q8_0", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1",
     "q2_k": "MOSTLY_Q2_K", "q3_k": "MOSTLY_Q3_K_S", "q4_k": "MOSTLY_Q4_K_S", "q5_k": "MOSTLY_Q5_K_S",
