@@ -17,7 +17,6 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_METHODS = ("decoupleq", "gptq", "rtn")
 KNOWN_DATASETS = ("wikitext2", "c4", "pile", "self")
 BLOCKWISE_OPTIMIZERS = ("adam", "signsgd")
-BLOCKWISE_TARGETS = ("block", "model")
 # blockwise_lr=None means: Adam at the paper's 1e-5; SignSGD at AutoRound's 5e-3 (relative to the scales).
 DEFAULT_BLOCKWISE_LR = {"adam": 1e-5, "signsgd": 5e-3}
 
@@ -38,7 +37,6 @@ RESULT_FIELDS = (
     "blockwise_lr",
     "blockwise_weight_decay",
     "blockwise_optimizer",
-    "blockwise_target",
     "train_norms",
     "num_samples",
     "seq_len",
@@ -211,7 +209,6 @@ class DecoupleQConfig(QuantizationConfigMixin):
         blockwise_lr: float | None = None,
         blockwise_weight_decay: float = 0.0,
         blockwise_optimizer: str = "signsgd",
-        blockwise_target: str = "block",
         train_norms: bool = True,
         e2e_epochs: float = 1.0,
         e2e_lr: float = 3e-4,
@@ -254,7 +251,6 @@ class DecoupleQConfig(QuantizationConfigMixin):
         self.blockwise_lr = blockwise_lr
         self.blockwise_weight_decay = blockwise_weight_decay
         self.blockwise_optimizer = blockwise_optimizer
-        self.blockwise_target = blockwise_target
         self.train_norms = train_norms
         self.e2e_epochs = e2e_epochs
         self.e2e_lr = e2e_lr
@@ -313,8 +309,6 @@ class DecoupleQConfig(QuantizationConfigMixin):
             fail("method", f"use one of {list(SUPPORTED_METHODS)}")
         if self.blockwise_optimizer not in BLOCKWISE_OPTIMIZERS:
             fail("blockwise_optimizer", f"use one of {list(BLOCKWISE_OPTIMIZERS)}")
-        if self.blockwise_target not in BLOCKWISE_TARGETS:
-            fail("blockwise_target", f"use one of {list(BLOCKWISE_TARGETS)}")
         if not is_int(self.blockwise_epochs) or self.blockwise_epochs < 0:
             fail("blockwise_epochs", "use an integer >= 0")
         lr = self.blockwise_lr

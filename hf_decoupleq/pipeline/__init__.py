@@ -119,9 +119,6 @@ def _quantize_blocks(
 ) -> list[dict[str, Any]]:
     """Quantize (or restore from `store`) every block in order, each on the previous quantized block's outputs."""
     block_stats: list[dict[str, Any]] = []
-    # blockwise_target="model": the block-wise stage fits each block to the full-precision model's own hidden states,
-    # carried alongside (one more forward of each full-precision block).
-    float_hidden = list(inputs.hidden) if config.blockwise_target == "model" and config.blockwise else None
     bar = tqdm(range(len(blocks)), desc="decoupleQ", unit="block")
     for index in bar:
         block = blocks[index]
@@ -130,15 +127,9 @@ def _quantize_blocks(
         device = _compute_device(config, block)
         offloaded = _materialize_block(block, device, block_name)
         block.to(device)
-        targets = None
-        if float_hidden is not None:
-            with torch.no_grad():
-                targets = _forward_all(block, inputs.for_block(index, float_hidden), device, compute_dtype=compute_dtype)
-            float_hidden = targets
         replay = ChildReplay(block, [], len(inputs.hidden))
         stats = _quantize_or_restore(block, inputs, config, store, block_name=block_name, block_index=index,
-                                     skip=skip, device=device, compute_dtype=compute_dtype, replay=replay,
-                                     targets=targets)  # fmt: skip
+                                     skip=skip, device=device, compute_dtype=compute_dtype, replay=replay)  # fmt: skip
         block_stats.append(stats)
         if index + 1 < len(blocks):
             outputs = forward_quantized_block(block, inputs, device, compute_dtype=compute_dtype, replay=replay)

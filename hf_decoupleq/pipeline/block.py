@@ -68,7 +68,7 @@ class _BlockWork:
 
 def _layerwise_stage(
     work: _BlockWork, groups: list[list[str]], inputs: BlockInputs, need_targets: bool
-) -> list[torch.Tensor] | None:
+) -> list[torch.Tensor]:
     """Solve every sub-group; returns the full-precision block outputs (block-wise targets) if `need_targets`."""
     config, linears = work.config, work.linears
     # Pass 1: full-precision outputs (block-wise targets) + the first sub-group's Hessian (or every sub-group's).
@@ -149,14 +149,11 @@ def quantize_block(
     device: torch.device,
     compute_dtype: torch.dtype | None = None,
     replay: ChildReplay | None = None,
-    targets: list[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Quantize one decoder block in place (its linears become `DecoupleQLinear`). Returns per-block statistics.
 
     `compute_dtype` (from `_calibration_dtype`) autocasts the block's forwards; the solver is unaffected. A `replay`
-    (see `ChildReplay`) is filled here and may be reused by `forward_quantized_block` afterwards. `targets`, when
-    given, are the block-wise stage's targets (`blockwise_target="model"`: the full-precision model's own outputs of
-    this block); otherwise the full-precision block's outputs on `inputs` are."""
+    (see `ChildReplay`) is filled here and may be reused by `forward_quantized_block` afterwards."""
     t0 = time.perf_counter()
     # The block-wise stage trains in float32; every parameter goes back to its own dtype afterwards.
     param_dtypes = {name: p.dtype for name, p in block.named_parameters()}
@@ -172,9 +169,7 @@ def quantize_block(
         replay.track(trace, len(inputs.hidden))
     work = _BlockWork(block, linears, config, block_name, device, compute_dtype, replay, stats)
     need_targets = config.blockwise and config.blockwise_epochs > 0
-    own = _layerwise_stage(work, groups, inputs, need_targets and targets is None)
-    if targets is None:
-        targets = own
+    targets = _layerwise_stage(work, groups, inputs, need_targets)
     stats["layerwise_loss"] = sum(stats["layers"].values()) / max(len(stats["layers"]), 1)
     stats["seconds_calibration_passes"] = work.timing["passes"]
     stats["seconds_solve"] = work.timing["solve"]
