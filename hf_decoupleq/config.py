@@ -140,8 +140,10 @@ class DecoupleQConfig(QuantizationConfigMixin):
             the full-precision model's next-token distribution (KL), codes frozen; fractions allowed, 0 turns it
             off. Kept only if it lowers the KL on a few calibration windows (see `hf_decoupleq.e2e`). Not run with
             `gguf_type` (it would move scales and mins off the GGUF grid; the log says it was skipped).
-        e2e_lr (`float`, defaults to 3e-4): Adam step size of the end-to-end stage for scales and zeros (norm
-            weights use 5x this), with a 5% warm-up and cosine decay.
+        e2e_lr (`float`, defaults to 1.5e-3): relative Adam step size of the end-to-end stage: each packed layer's
+            scales and zeros step by `e2e_lr` times the mean |scale| of that layer (so 2-, 3- and 4-bit layers, whose
+            scales differ by their number of levels, move alike), norm weights by `e2e_lr`; 5% warm-up, cosine
+            decay. (Earlier checkpoints record `e2e_lr=3e-4`: then an absolute step, 5x that for norms.)
         num_samples (`int`, defaults to 128), seq_len (`int`, defaults to 2048): calibration windows.
         seed (`int`, defaults to 0): seeds window sampling and block-wise batch order.
         modules_to_not_convert (`list[str]`, *optional*): module names kept in full precision (default: `lm_head`
@@ -211,7 +213,7 @@ class DecoupleQConfig(QuantizationConfigMixin):
         blockwise_optimizer: str = "signsgd",
         train_norms: bool = True,
         e2e_epochs: float = 1.0,
-        e2e_lr: float = 3e-4,
+        e2e_lr: float = 1.5e-3,
         num_samples: int = 128,
         seq_len: int = 2048,
         seed: int = 0,
@@ -322,7 +324,7 @@ class DecoupleQConfig(QuantizationConfigMixin):
             fail("e2e_epochs", "use a number >= 0 (0 turns the end-to-end stage off)")
         lr = self.e2e_lr
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < float("inf"):
-            fail("e2e_lr", "use a positive float, e.g. 3e-4")
+            fail("e2e_lr", "use a positive float, e.g. 1.5e-3")
         for field in ("num_samples", "seq_len"):
             if not is_int(getattr(self, field)) or getattr(self, field) < 1:
                 fail(field, "use a positive integer")

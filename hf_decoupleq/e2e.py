@@ -224,8 +224,8 @@ def train_end_to_end(
 
     One Adam step per calibration window, windows in a seeded random order, ``epochs`` passes (fractions allowed),
     cosine decay after a 5% warm-up. ``check_windows`` windows (every k-th) measure the loss before and after; the
-    trained values are kept only if it went down. ``relative=True`` gives each packed layer its own step size,
-    ``lr`` times the mean magnitude of its scales (an ablation, not the pipeline's setting: docs/benchmarks.md).
+    trained values are kept only if it went down. ``relative=True`` (the pipeline's setting) gives each packed layer
+    its own step size, ``lr`` times the mean magnitude of its scales; ``relative=False`` uses ``lr`` itself.
     """
     t0 = time.perf_counter()
     decoder, head = _parts(model)

@@ -110,7 +110,7 @@ def test_pipeline_runs_the_stage_and_the_result_reloads(tmp_path):
     off = copy.deepcopy(fp)
     quantize(off, small_config(dataset=windows, num_samples=8, e2e_epochs=0))
     on = copy.deepcopy(fp)
-    cfg = small_config(dataset=windows, num_samples=8, e2e_epochs=4, e2e_lr=3e-4)
+    cfg = small_config(dataset=windows, num_samples=8, e2e_epochs=4)  # the default, relative e2e_lr
     quantize(on, cfg)
     stats = cfg.quantization_stats["e2e"]
     assert stats["steps"] == 32 and stats["kl_after"] < stats["kl_before"] and stats["kept"]
@@ -152,3 +152,26 @@ def test_relative_step_size_scales_with_each_layers_scales():
             # (tolerance: float32 rounding of values ~1000x the step).
             assert float(delta.max()) <= step * (1 + 1e-3), name
             assert float(delta.max()) >= step * (1 - 1e-3), name
+
+
+def test_pipeline_steps_are_relative_to_each_layers_scales():
+    """The pipeline's stage uses relative steps: one step moves each layer's scales by e2e_lr * its mean |scale|."""
+    fp = build_tiny_model("llama")
+    windows = _windows(8, 32)
+    off = copy.deepcopy(fp)
+    quantize(off, small_config(dataset=windows, num_samples=8, e2e_epochs=0))
+    on = copy.deepcopy(fp)
+    lr = 1e-3
+    cfg = small_config(dataset=windows, num_samples=8, e2e_epochs=1 / 8, e2e_lr=lr)
+    quantize(on, cfg)
+    assert cfg.quantization_stats["e2e"]["steps"] == 1 and cfg.quantization_stats["e2e"]["kept"]
+    before = {n: m for n, m in off.named_modules() if isinstance(m, DecoupleQLinear)}
+    mags = []
+    for name, m in on.named_modules():
+        if isinstance(m, DecoupleQLinear):
+            s0 = before[name].scales
+            step = lr * float(s0.abs().mean())
+            mags.append(step)
+            delta = float((m.scales - s0).abs().max())
+            assert step * (1 - 1e-3) <= delta <= step * (1 + 1e-3), name
+    assert max(mags) > 1.02 * min(mags)

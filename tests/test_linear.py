@@ -284,9 +284,12 @@ def test_caches_follow_in_place_updates(backend):
 
 
 # ----------------------------------------------------------------------------------------- gradients
-def test_gradients_flow_to_scales_zeros_and_x():
-    k, n = 96, 24
-    m, result, linear = _module(n, k, 2, 32, torch.float32)
+@pytest.mark.parametrize("k, group_size, bits", [(96, 32, 2), (100, 32, 3), (40, -1, 4)])
+def test_gradients_flow_to_scales_zeros_and_x(k, group_size, bits):
+    # (the last group of k=100 is partial: the training path pads it; -1 is one group per row)
+    n = 24
+    m, result, linear = _module(n, k, bits, group_size, torch.float32)
+    group_size = k if group_size == -1 else group_size
     m.scales.requires_grad_(True)
     m.zeros.requires_grad_(True)
     x = torch.randn(5, k, requires_grad=True)
@@ -297,7 +300,7 @@ def test_gradients_flow_to_scales_zeros_and_x():
     s64 = m.scales.detach().double().requires_grad_(True)
     z64 = m.zeros.detach().double().requires_grad_(True)
     x64 = x.detach().double().requires_grad_(True)
-    idx = torch.arange(k) // 32
+    idx = torch.arange(k) // group_size
     w64 = s64[idx].T * result.codes.double() + z64[idx].T
     ((x64 @ w64.T + linear.bias.double()) * gy.double()).sum().backward()
     for got, want in ((m.scales.grad, s64.grad), (m.zeros.grad, z64.grad), (x.grad, x64.grad)):

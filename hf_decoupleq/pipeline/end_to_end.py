@@ -50,6 +50,7 @@ def run_end_to_end(
     if teacher is None:
         return None
     return train_end_to_end(
-        model, windows, teacher, epochs=config.e2e_epochs, lr=config.e2e_lr, norm_lr=5 * config.e2e_lr,
+        model, windows, teacher, epochs=config.e2e_epochs, lr=config.e2e_lr, norm_lr=config.e2e_lr,
         train_norms=config.train_norms, compute_dtype=compute_dtype, device=_input_device(model), seed=config.seed,
+        relative=True,
     )  # fmt: skip
