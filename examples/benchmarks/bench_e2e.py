@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common
 import torch
+from bench_real_model import environment
 from transformers import AutoModelForCausalLM
 
 from hf_decoupleq.e2e import capture_teacher, train_end_to_end
@@ -41,6 +42,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="order of the windows in the stage")
     p.add_argument("--windows", required=True, help="calibration_windows.pt of the benchmark that made the checkpoint")
     p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--eval-offset", type=int, default=0,
+                   help="skip this many evaluation windows first (bench_real_model.py's second protocol)")
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--skip-base-eval", action="store_true", help="do not measure the checkpoint before the stage")
@@ -59,9 +62,17 @@ def main() -> None:
     q = AutoModelForCausalLM.from_pretrained(a.ckpt, dtype=torch.float32)
     rec = {"ckpt": a.ckpt, "epochs": a.epochs, "lr": a.lr, "norm_lr": a.norm_lr, "norms": not a.no_norms,
            "relative": a.relative, "seed": a.seed, "windows": int(windows.shape[0]), "teacher_s": t_teacher}  # fmt: skip
+    rec["env"] = environment(argparse.Namespace(threads=torch.get_num_threads(), device="cpu"))
     measure = {"seq_len": 2048, "max_windows": a.eval_windows, "progress": False}
+    eval_input = _common.DEFAULT_EVAL_PATH
+    if a.eval_offset:
+        from hf_decoupleq.evaluation import load_eval_text
+
+        ids = tok(load_eval_text(str(eval_input)), return_tensors="pt", verbose=False)["input_ids"][0]
+        eval_input = ids[a.eval_offset * 2048 :]
+        rec["eval_offset_windows"] = a.eval_offset
     if not a.skip_base_eval:
-        rec["ppl_before"] = perplexity(q, tok, _common.DEFAULT_EVAL_PATH, **measure).ppl
+        rec["ppl_before"] = perplexity(q, tok, eval_input, **measure).ppl
     stats = train_end_to_end(
         q, windows, teacher, epochs=a.epochs, lr=a.lr, norm_lr=a.norm_lr, train_norms=not a.no_norms,
         compute_dtype=torch.bfloat16, device=torch.device("cpu"), seed=a.seed,
@@ -69,7 +80,7 @@ def main() -> None:
     )  # fmt: skip
     rec.update(stats)
     t0 = time.perf_counter()
-    rec["ppl_after"] = perplexity(q, tok, _common.DEFAULT_EVAL_PATH, **measure).ppl
+    rec["ppl_after"] = perplexity(q, tok, eval_input, **measure).ppl
     rec["eval_s"] = time.perf_counter() - t0
     print(json.dumps(rec), flush=True)  # the script's product
     if a.out:
