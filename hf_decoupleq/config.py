@@ -139,7 +139,8 @@ class DecoupleQConfig(QuantizationConfigMixin):
             runs after every block is quantized and trains scales, zeros (and norms) of the whole model against
             the full-precision model's next-token distribution (KL), codes frozen; fractions allowed, 0 turns it
             off. Kept only if it lowers the KL on a few calibration windows (see `hf_decoupleq.e2e`). Not run with
-            `gguf_type` (it would move scales and mins off the GGUF grid; the log says it was skipped).
+            `gguf_type` (it would move scales and mins off the GGUF grid) or `symmetric` (it trains each zero on
+            its own); the log says it was skipped.
         e2e_lr (`float`, defaults to 1.5e-3): relative Adam step size of the end-to-end stage: each packed layer's
             scales and zeros step by `e2e_lr` times the mean |scale| of that layer (so 2-, 3- and 4-bit layers, whose
             scales differ by their number of levels, move alike), norm weights by `e2e_lr`; 5% warm-up, cosine

@@ -175,3 +175,22 @@ def test_pipeline_steps_are_relative_to_each_layers_scales():
             delta = float((m.scales - s0).abs().max())
             assert step * (1 - 1e-3) <= delta <= step * (1 + 1e-3), name
     assert max(mags) > 1.02 * min(mags)
+
+
+def test_symmetric_skips_the_stage(caplog):
+    """symmetric ties each zero to its scale (-scales * 2^(bits-1)); the stage would train zeros on their own, so it
+    is skipped and every layer stays symmetric."""
+    import logging
+
+    fp = build_tiny_model("llama")
+    windows = _windows(8, 32)
+    q = copy.deepcopy(fp)
+    cfg = small_config(dataset=windows, num_samples=8, e2e_epochs=1, symmetric=True)
+    with caplog.at_level(logging.INFO, logger="hf_decoupleq"):
+        quantize(q, cfg)
+    assert "e2e" not in cfg.quantization_stats
+    assert "end-to-end stage skipped: symmetric=True" in caplog.text
+    layers = [m for m in q.modules() if isinstance(m, DecoupleQLinear)]
+    assert layers
+    for m in layers:
+        torch.testing.assert_close(m.zeros, -m.scales * 2 ** (m.bits - 1), rtol=0, atol=0)

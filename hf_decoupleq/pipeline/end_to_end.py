@@ -29,6 +29,10 @@ def end_to_end_teacher(
         # The stage trains scales and zeros freely; a gguf_type checkpoint must keep them on the GGUF grid.
         logger.info("end-to-end stage skipped: gguf_type=%r keeps scales and mins on the GGUF grid", config.gguf_type)
         return None
+    if config.symmetric:
+        # The stage trains each zero on its own; symmetric layers keep zeros = -scales * 2^(bits-1).
+        logger.info("end-to-end stage skipped: symmetric=True keeps each zero tied to its scale")
+        return None
     reason = end_to_end_supported(model)
     if reason is not None:
         logger.warning("end-to-end stage skipped: %s", reason)
