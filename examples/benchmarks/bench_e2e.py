@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common
 import torch
-from bench_real_model import environment
+from bench_real_model import environment, evaluation_input
 from transformers import AutoModelForCausalLM
 
 from hf_decoupleq.e2e import capture_teacher, train_end_to_end
@@ -64,12 +64,8 @@ def main() -> None:
            "relative": a.relative, "seed": a.seed, "windows": int(windows.shape[0]), "teacher_s": t_teacher}  # fmt: skip
     rec["env"] = environment(argparse.Namespace(threads=torch.get_num_threads(), device="cpu"))
     measure = {"seq_len": 2048, "max_windows": a.eval_windows, "progress": False}
-    eval_input = _common.DEFAULT_EVAL_PATH
+    eval_input = evaluation_input(tok, _common.DEFAULT_EVAL_PATH, a.eval_offset)
     if a.eval_offset:
-        from hf_decoupleq.evaluation import load_eval_text
-
-        ids = tok(load_eval_text(str(eval_input)), return_tensors="pt", verbose=False)["input_ids"][0]
-        eval_input = ids[a.eval_offset * 2048 :]
         rec["eval_offset_windows"] = a.eval_offset
     if not a.skip_base_eval:
         rec["ppl_before"] = perplexity(q, tok, eval_input, **measure).ppl

@@ -431,13 +431,7 @@ def worker(args: argparse.Namespace) -> None:
     logger.info("%s: quantized in %.1f s", args.worker_run, record["quant_s"])
 
     t0 = time.perf_counter()
-    eval_input = args.eval_data
-    if args.eval_offset:
-        # Another protocol: the windows after the first --eval-offset ones (same text, same window length).
-        from hf_decoupleq.evaluation import load_eval_text
-
-        ids = tokenizer(load_eval_text(str(args.eval_data)), return_tensors="pt", verbose=False)["input_ids"][0]
-        eval_input = ids[args.eval_offset * EVAL_SEQ_LEN :]
+    eval_input = evaluation_input(tokenizer, args.eval_data, args.eval_offset)
     result = perplexity(model, tokenizer, eval_input, seq_len=EVAL_SEQ_LEN, max_windows=args.eval_windows)
     record.update(ppl=result.ppl, nll=result.nll, eval_tokens=result.n_tokens, eval_windows_scored=result.n_windows)
     record["eval_s"] = time.perf_counter() - t0
@@ -706,6 +700,17 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
+
+
+def evaluation_input(tokenizer: Any, eval_data: Any, offset: int) -> Any:
+    """What `perplexity` scores: the evaluation text, or with `offset` (another protocol) its token ids after the
+    first `offset` windows (same text, same window length)."""
+    if not offset:
+        return eval_data
+    from hf_decoupleq.evaluation import load_eval_text
+
+    ids = tokenizer(load_eval_text(str(eval_data)), return_tensors="pt", verbose=False)["input_ids"][0]
+    return ids[offset * EVAL_SEQ_LEN :]
 
 
 def machine_label(env: dict[str, Any]) -> str | None:
