@@ -231,3 +231,66 @@ def test_signsgd_lowers_output_error_keeps_codes_and_rejects_bad_options(llama_p
         refine_block(qlayer, inputs, targets, kwargs, optimizer="sgd")
     with pytest.raises(DecoupleQConfigError, match="weight_decay"):
         refine_block(qlayer, inputs, targets, kwargs, optimizer="signsgd", weight_decay=0.1)
+
+
+# ------------------------------------------------------------------------------------------ trained codes
+def test_trainable_codes_round_clamp_and_straight_through_gradient():
+    _, q = _quantized_result(bits=2)
+    mod = FakeQuantLinear.from_result(q)
+    offset = mod.train_codes_()
+    with torch.no_grad():  # offsets on both sides of +-0.5, and ones that would leave [0, 3]
+        offset.copy_(torch.linspace(-1.7, 1.7, offset.numel()).reshape(offset.shape))
+    # Brute force, element by element: the code the layer computes with (no sum lies near a half level here).
+    expected = torch.tensor(
+        [[min(max(round(int(c) + float(o)), 0), 3) for c, o in zip(cr, orow)] for cr, orow in zip(q.codes, offset.detach())],
+        dtype=torch.float32,
+    )
+    torch.testing.assert_close(mod.effective_codes().detach(), expected, rtol=0, atol=0)
+    x = torch.randn(4, 20, dtype=torch.float32)
+    target = torch.randn(4, 6)
+    F.mse_loss(mod(x), target).backward()
+    with torch.no_grad():
+        w_hat = torch.stack([q.scales[:, c // 8] * expected[:, c] + q.zeros[:, c // 8] for c in range(20)], 1)
+        gw = 2.0 / target.numel() * (x @ w_hat.T - target).T @ x
+        expected_grad = torch.stack([gw[:, c] * q.scales[:, c // 8] for c in range(20)], 1)  # dW/doffset = s
+    torch.testing.assert_close(offset.grad, expected_grad, rtol=1e-4, atol=1e-6)
+    assert torch.equal(mod.to_result().codes, expected.to(torch.uint8))
+    assert "code_offset" in dict(mod.named_parameters())
+    mod.snap_()  # the moved codes become the codes; the offset is gone
+    assert mod.code_offset is None and torch.equal(mod.codes, expected.to(torch.uint8))
+    assert set(mod.state_dict()) == {"codes", "scales", "zeros"}
+    torch.testing.assert_close(mod.dequantize(), w_hat)
+
+
+def test_refine_block_with_code_lr_moves_codes_by_one_level_and_beats_frozen_codes(llama_parts):
+    layer, inputs, targets, kwargs = llama_parts
+    qlayer = _quantize_layer(layer, inputs, kwargs)
+    frozen, trained = copy.deepcopy(qlayer), copy.deepcopy(qlayer)
+    # 8 epochs x 4 batches = 32 steps; the offsets move at most 0.05 * 32 / 2 = 0.8 levels (linear decay): a code
+    # can change by one level, not two.
+    rf = refine_block(frozen, inputs, targets, kwargs, lr=5e-3, epochs=8, seed=0, optimizer="signsgd")
+    rt = refine_block(trained, inputs, targets, kwargs, lr=5e-3, epochs=8, seed=0, optimizer="signsgd", code_lr=0.05)
+    assert not rt.restored and rt.final_loss < rf.final_loss
+    assert math.isclose(rt.final_loss, _mse(trained, inputs, targets, kwargs), rel_tol=1e-5)
+    moved = 0
+    for m0, m1 in zip(qlayer.modules(), trained.modules()):
+        if isinstance(m1, FakeQuantLinear):
+            delta = m1.codes.int() - m0.codes.int()
+            assert int(delta.abs().max()) <= 1 and m1.code_offset is None
+            moved += int((delta != 0).sum())
+    assert moved > 0
+    assert "code_offset" not in "".join(n for n, _ in trained.named_parameters())
+
+
+def test_refine_block_restores_codes_when_training_does_not_help(llama_parts):
+    layer, inputs, targets, kwargs = llama_parts
+    qlayer = _quantize_layer(layer, inputs, kwargs)
+    saved = {n: t.detach().clone() for n, t in qlayer.state_dict().items()}
+    res = refine_block(qlayer, inputs, targets, kwargs, lr=10.0, epochs=1, optimizer="signsgd", code_lr=5.0)
+    assert res.restored
+    for n, t in qlayer.state_dict().items():
+        assert torch.equal(t, saved[n]), n
+    with pytest.raises(DecoupleQConfigError, match="code_lr"):
+        refine_block(qlayer, inputs, targets, kwargs, optimizer="adam", code_lr=0.01)
+    with pytest.raises(DecoupleQConfigError, match="code_lr"):
+        refine_block(qlayer, inputs, targets, kwargs, optimizer="signsgd", code_lr=-1.0)
