@@ -37,7 +37,6 @@ RESULT_FIELDS = (
     "blockwise_lr",
     "blockwise_weight_decay",
     "blockwise_optimizer",
-    "blockwise_code_lr",
     "train_norms",
     "num_samples",
     "seq_len",
@@ -134,10 +133,6 @@ class DecoupleQConfig(QuantizationConfigMixin):
             `lr * |its initial value|`) or "adam" (the paper's block-wise stage). SignSGD for 1 epoch is the
             default because it measured better and faster than the paper's Adam (lr 1e-5, 2 epochs) on SmolLM2
             (README, "Measured results"); `blockwise_optimizer="adam", blockwise_epochs=4` is the paper's setting.
-        blockwise_code_lr (`float`, defaults to 0.0): also train the codes in the block-wise stage: each code may
-            move to a neighbouring level through a rounding offset trained by SignSGD (straight-through), which
-            moves `blockwise_code_lr` levels per step at first and decays like the other steps. 0 keeps the codes
-            of the layer-wise stage.
         train_norms (`bool`, defaults to True): also train the block's norm weights in the block-wise stage (and in
             the end-to-end stage).
         e2e_epochs (`float`, defaults to 1.0): passes over the calibration windows of the end-to-end stage, which
@@ -217,7 +212,6 @@ class DecoupleQConfig(QuantizationConfigMixin):
         blockwise_lr: float | None = None,
         blockwise_weight_decay: float = 0.0,
         blockwise_optimizer: str = "signsgd",
-        blockwise_code_lr: float = 0.0,
         train_norms: bool = True,
         e2e_epochs: float = 1.0,
         e2e_lr: float = 1.5e-3,
@@ -260,7 +254,6 @@ class DecoupleQConfig(QuantizationConfigMixin):
         self.blockwise_lr = blockwise_lr
         self.blockwise_weight_decay = blockwise_weight_decay
         self.blockwise_optimizer = blockwise_optimizer
-        self.blockwise_code_lr = blockwise_code_lr
         self.train_norms = train_norms
         self.e2e_epochs = e2e_epochs
         self.e2e_lr = e2e_lr
@@ -327,11 +320,6 @@ class DecoupleQConfig(QuantizationConfigMixin):
         wd = self.blockwise_weight_decay
         if not isinstance(wd, (int, float)) or isinstance(wd, bool) or wd < 0:
             fail("blockwise_weight_decay", "use a float >= 0")
-        code_lr = self.blockwise_code_lr
-        if not isinstance(code_lr, (int, float)) or isinstance(code_lr, bool) or not 0 <= code_lr < float("inf"):
-            fail("blockwise_code_lr", "use a float >= 0 (0 keeps the codes frozen)")
-        if code_lr and self.blockwise_optimizer != "signsgd":
-            fail("blockwise_code_lr", "trained codes need blockwise_optimizer='signsgd'")
         epochs = self.e2e_epochs
         if not isinstance(epochs, (int, float)) or isinstance(epochs, bool) or not 0 <= epochs < float("inf"):
             fail("e2e_epochs", "use a number >= 0 (0 turns the end-to-end stage off)")

@@ -119,7 +119,6 @@ def _blockwise_stage(
         [inputs.kwargs_on(i, device) for i in range(len(inputs.hidden))],
         lr=config.effective_blockwise_lr,
         optimizer=config.blockwise_optimizer,
-        code_lr=config.blockwise_code_lr,
         epochs=config.blockwise_epochs,
         weight_decay=config.blockwise_weight_decay,
         train_norms=config.train_norms,

@@ -1,6 +1,4 @@
-"""The block-wise stage of decoupleQ (Eq. 2): train scales, zeros and norms of one block, with the codes frozen or,
-optionally, with each code free to move to a neighbouring level (a rounding offset trained straight-through, as in
-SignRound/AutoRound)."""
+"""The block-wise stage of decoupleQ (Eq. 2): with the codes frozen, train scales, zeros and norms of one block."""
 
 from __future__ import annotations
 
@@ -91,7 +89,6 @@ class FakeQuantLinear(nn.Module):
                 f"group_size={group_size}"
             )
         self.grid = grid
-        self.code_offset: nn.Parameter | None = None
         self._loss: torch.Tensor | None = None
         self._dense: tuple[tuple, torch.Tensor] | None = None
 
@@ -120,34 +117,9 @@ class FakeQuantLinear(nn.Module):
             z = s * -float(1 << (self.bits - 1))
         return s, z
 
-    def train_codes_(self) -> nn.Parameter:
-        """Make the codes trainable: a float ``code_offset`` ``[out, in]``, zero at first, is added to the codes, and
-        the layer computes with ``clamp(codes + round(code_offset), 0, 2**bits - 1)``, the gradient passing the
-        rounding and the clamp straight through. :meth:`snap_` writes the resulting codes into ``codes`` and drops
-        the offset. Returns the offset parameter.
-
-        (Starting each offset at its weight's own position between the levels, as AutoRound does from
-        round-to-nearest, measured much worse on SmolLM2: decoupleQ's codes are not the nearest levels.)"""
-        if self.code_offset is None:
-            self.code_offset = nn.Parameter(torch.zeros(self.codes.shape, dtype=torch.float32, device=self.codes.device))
-        return self.code_offset
-
-    def effective_codes(self) -> torch.Tensor:
-        """The codes the layer computes with: ``codes`` (uint8), or with a ``code_offset`` the moved codes as a
-        float tensor that carries the offset's (straight-through) gradient."""
-        if self.code_offset is None:
-            return self.codes
-        soft = self.codes.to(self.code_offset.dtype) + self.code_offset
-        hard = torch.clamp(torch.round(soft.detach()), 0, max_code(self.bits))
-        return soft + (hard - soft).detach()
-
     @torch.no_grad()
     def snap_(self) -> None:
-        """Write :meth:`effective_scales_zeros` into the parameters, and trained codes (if any) into ``codes``
-        (a no-op for a free, asymmetric layer whose codes are frozen)."""
-        if self.code_offset is not None:
-            self.codes.copy_(self.effective_codes().detach().to(torch.uint8))
-            self.code_offset = None
+        """Write :meth:`effective_scales_zeros` into the parameters (a no-op for a free, asymmetric layer)."""
         if self.grid is None and not self.symmetric:
             return
         s, z = self.effective_scales_zeros()
@@ -155,9 +127,9 @@ class FakeQuantLinear(nn.Module):
         self.zeros.copy_(z)
 
     def dequantize(self) -> torch.Tensor:
-        """``W_hat`` ``[out, in]`` float32, differentiable in ``scales``, ``zeros`` (and ``code_offset``)."""
+        """``W_hat`` ``[out, in]`` float32, differentiable in ``scales`` and ``zeros``."""
         s, z = self.effective_scales_zeros()
-        return dequantize(self.effective_codes(), s, z, self.group_size)
+        return dequantize(self.codes, s, z, self.group_size)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -187,8 +159,7 @@ class FakeQuantLinear(nn.Module):
             return F.linear(x, self.effective_weight().to(x.dtype), bias)
         # Without autograd (calibration passes) the dense weight, rotation folded in, is reused until scales/zeros
         # change.
-        tensors = (self.scales, self.zeros, self.codes) + (() if self.code_offset is None else (self.code_offset,))
-        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in (self.scales, self.zeros, self.codes))
         if self._dense is None or self._dense[0] != key:
             self._dense = (key, self.effective_weight().detach())
         return F.linear(x, self._dense[1].to(x.dtype), bias)
@@ -201,7 +172,7 @@ class FakeQuantLinear(nn.Module):
             loss = torch.full((self.out_features,), math.nan, dtype=torch.float64)
         s, z = self.effective_scales_zeros()
         return QuantResult(
-            codes=self.effective_codes().detach().to(torch.uint8).clone(),
+            codes=self.codes.clone(),
             scales=s.detach().float().clone(),
             zeros=z.detach().float().clone(),
             loss=loss,
@@ -219,7 +190,6 @@ class FakeQuantLinear(nn.Module):
             f"incoherence={self.hadamard_signs is not None}"
             + (", symmetric=True" if self.symmetric else "")
             + (f", grid={self.grid.fmt.ggml_type}" if self.grid is not None else "")
-            + (", trainable codes" if self.code_offset is not None else "")
         )
 
 
@@ -294,8 +264,6 @@ def _trainable(block: nn.Module, train_norms: bool, train_bias: bool) -> list[nn
         if isinstance(module, FakeQuantLinear):
             params[id(module.scales)] = module.scales
             params[id(module.zeros)] = module.zeros
-            if module.code_offset is not None:
-                params[id(module.code_offset)] = module.code_offset
         if train_norms and "norm" in type(module).__name__.lower():
             for p in module.parameters():
                 params[id(p)] = p
@@ -306,18 +274,15 @@ def _trainable(block: nn.Module, train_norms: bool, train_bias: bool) -> list[nn
     return [p for p in params.values() if p.is_floating_point()]
 
 
-def _sign_units(block: nn.Module, params: Sequence[nn.Parameter], code_unit: float = 0.0) -> list[torch.Tensor]:
-    """The step unit of each parameter for SignSGD: a group's quantization step for its scale and zero,
-    ``code_unit`` levels for a code offset, the magnitude of the initial value for everything else (a tiny floor
-    keeps exact zeros movable)."""
+def _sign_units(block: nn.Module, params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
+    """The step unit of each parameter for SignSGD: a group's quantization step for its scale and zero, the
+    magnitude of the initial value for everything else (a tiny floor keeps exact zeros movable)."""
     units: dict[int, torch.Tensor] = {}
     for module in block.modules():
         if isinstance(module, FakeQuantLinear):
             step = module.scales.detach().abs().clone()
             units[id(module.scales)] = step
             units[id(module.zeros)] = step
-            if module.code_offset is not None:
-                units[id(module.code_offset)] = step.new_tensor(code_unit)
     out = []
     for p in params:
         unit = units.get(id(p))
@@ -366,10 +331,8 @@ def refine_block(
     micro_batch: int | None = None,
     initial_loss: float | None = None,
     optimizer: str = "adam",
-    code_lr: float = 0.0,
 ) -> BlockwiseResult:
-    """Minimize ``MSE(block(inputs), targets)`` over the block's scales, zeros and norms (Eq. 2), codes frozen
-    unless ``code_lr`` is set.
+    """Minimize ``MSE(block(inputs), targets)`` over the block's scales, zeros and norms (Eq. 2), codes frozen.
 
     Args:
         block: a module called as ``block(hidden_states, **kwargs)`` whose linears to train are already
@@ -397,19 +360,12 @@ def refine_block(
             must be this function's own definition, the mean over batches of each batch's MSE.
         return_outputs: keep the block's outputs of the final evaluation in the result (saves a caller that needs
             them, like the next block's calibration inputs, one more forward pass).
-        code_lr: with ``optimizer="signsgd"``, also train the codes: every code gets a rounding offset (zero at
-            first, see :meth:`FakeQuantLinear.train_codes_`) that moves ``code_lr`` levels per step at first,
-            decaying with the others' steps; a code changes where its offset passes +-0.5. 0 keeps the codes frozen.
 
     Returns:
         A :class:`BlockwiseResult`. The block is left with the trained parameters, or with the initial ones if
         training did not lower the loss. ``requires_grad`` flags and train/eval mode are restored.
     """
     kwargs_list = _check_refine_args(inputs, targets, forward_kwargs, epochs, lr, micro_batch, optimizer, weight_decay)
-    if code_lr and optimizer != "signsgd":
-        raise DecoupleQConfigError(f"code_lr={code_lr!r} needs optimizer='signsgd' (got {optimizer!r})")
-    if not (code_lr >= 0 and math.isfinite(code_lr)):
-        raise DecoupleQConfigError(f"code_lr={code_lr!r} must be a finite float >= 0")
     steps = _micro_batches(inputs, targets, kwargs_list, micro_batch)
     params = _trainable(block, train_norms, train_bias)
     first_param = next(block.parameters(), None)
@@ -425,22 +381,17 @@ def refine_block(
         initial = objective.evaluate() if initial_loss is None else float(initial_loss)
         if not params or epochs == 0:
             return BlockwiseResult(initial_loss=initial, epoch_losses=[], final_loss=initial)
-        fakes = [m for m in block.modules() if isinstance(m, FakeQuantLinear)]
-        if code_lr:
-            codes_before = [m.codes.clone() for m in fakes]
-            params = params + [m.train_codes_() for m in fakes]
         for p in params:
             p.requires_grad_(True)
         if optimizer == "adam":
             opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
         else:
-            units = _sign_units(block, params, code_unit=code_lr / lr)
-            opt = _SignSGD(params, units, lr=lr, total_steps=epochs * len(steps))
+            opt = _SignSGD(params, _sign_units(block, params), lr=lr, total_steps=epochs * len(steps))
         epoch_losses, diverged = _train(objective, opt, params, steps, epochs=epochs, seed=seed, grad_clip=grad_clip)
-        # Layers on a grid (k-quants), with tied zeros (symmetric) or with trained codes trained latent values:
-        # store what they compute.
-        for module in fakes:
-            module.snap_()
+        # Layers on a grid (k-quants) or with tied zeros (symmetric) trained latent values: store what they compute.
+        for module in block.modules():
+            if isinstance(module, FakeQuantLinear):
+                module.snap_()
         final_outputs: list[torch.Tensor] | None = [] if return_outputs else None
         final = math.inf if diverged else objective.evaluate(final_outputs)
         if final <= initial:
@@ -451,32 +402,12 @@ def refine_block(
         with torch.no_grad():
             for p, saved in zip(params, snapshot):
                 p.copy_(saved)
-            if code_lr:
-                for module, saved in zip(fakes, codes_before):
-                    module.codes.copy_(saved)
-        if code_lr:
-            # Moving codes can overshoot where frozen ones would not: train once more with the codes frozen.
-            logger.info(
-                "block-wise refinement with trained codes did not help (loss %.4g -> %s); again with frozen codes",
-                initial, "non-finite" if diverged else f"{final:.4g}",
-            )  # fmt: skip
-            for p in block.parameters():
-                p.requires_grad_(False)
-            return refine_block(
-                block, inputs, targets, forward_kwargs, lr=lr, epochs=epochs, weight_decay=weight_decay,
-                train_norms=train_norms, train_bias=train_bias, seed=seed, grad_clip=grad_clip,
-                autocast_dtype=autocast_dtype, return_outputs=return_outputs, micro_batch=micro_batch,
-                initial_loss=initial, optimizer=optimizer,
-            )  # fmt: skip
         logger.info(
             "block-wise refinement did not help (loss %.4g -> %s); restored the initial parameters",
             initial, "non-finite" if diverged else f"{final:.4g}",
         )  # fmt: skip
         return BlockwiseResult(initial_loss=initial, epoch_losses=epoch_losses, final_loss=initial, restored=True)
     finally:
-        for module in block.modules():
-            if isinstance(module, FakeQuantLinear) and module.code_offset is not None:
-                module.code_offset = None  # training stopped early (an exception): the codes stay as they were
         for p in block.parameters():
             p.requires_grad_(flags.get(id(p), p.requires_grad))
         block.train(was_training)
