@@ -19,6 +19,9 @@ KNOWN_DATASETS = ("wikitext2", "c4", "pile", "self")
 BLOCKWISE_OPTIMIZERS = ("adam", "signsgd")
 # blockwise_lr=None means: Adam at the paper's 1e-5; SignSGD at AutoRound's 5e-3 (relative to the scales).
 DEFAULT_BLOCKWISE_LR = {"adam": 1e-5, "signsgd": 5e-3}
+# e2e_lr=None means: this relative step below 4 bits, the smaller one from 4 bits on (measured on SmolLM2-135M).
+DEFAULT_E2E_LR_LOW_BITS = 1.5e-3
+DEFAULT_E2E_LR_HIGH_BITS = 3e-4
 
 # Fields that change the numbers a run produces. A resume directory written with different values is refused.
 # (The end-to-end stage's fields are not among them: it runs after the last block, on the blocks the resume
@@ -141,10 +144,12 @@ class DecoupleQConfig(QuantizationConfigMixin):
             off. Kept only if it lowers the KL on a few calibration windows (see `hf_decoupleq.e2e`). Not run with
             `gguf_type` (it would move scales and mins off the GGUF grid) or `symmetric` (it trains each zero on
             its own); the log says it was skipped.
-        e2e_lr (`float`, defaults to 1.5e-3): relative Adam step size of the end-to-end stage: each packed layer's
-            scales and zeros step by `e2e_lr` times the mean |scale| of that layer (so 2-, 3- and 4-bit layers, whose
-            scales differ by their number of levels, move alike), norm weights by `e2e_lr`; 5% warm-up, cosine
-            decay. (Earlier checkpoints record `e2e_lr=3e-4`: then an absolute step, 5x that for norms.)
+        e2e_lr (`float`, *optional*): relative Adam step size of the end-to-end stage: each packed layer's scales
+            and zeros step by `e2e_lr` times the mean |scale| of that layer, norm weights by `e2e_lr`; 5% warm-up,
+            cosine decay. `None` (the default) picks it by bit width: 1.5e-3 below 4 bits, 3e-4 from 4 bits on (a
+            4-bit model starts much closer to the float one; the larger step undid the stage's gain there, see
+            docs/benchmarks.md). (Earlier checkpoints record `e2e_lr=3e-4` or `1.5e-3`: the first was an absolute
+            step, 5x that for norms.)
         num_samples (`int`, defaults to 128), seq_len (`int`, defaults to 2048): calibration windows.
         seed (`int`, defaults to 0): seeds window sampling and block-wise batch order.
         modules_to_not_convert (`list[str]`, *optional*): module names kept in full precision (default: `lm_head`
@@ -214,7 +219,7 @@ class DecoupleQConfig(QuantizationConfigMixin):
         blockwise_optimizer: str = "signsgd",
         train_norms: bool = True,
         e2e_epochs: float = 1.0,
-        e2e_lr: float = 1.5e-3,
+        e2e_lr: float | None = None,
         num_samples: int = 128,
         seq_len: int = 2048,
         seed: int = 0,
@@ -324,8 +329,8 @@ class DecoupleQConfig(QuantizationConfigMixin):
         if not isinstance(epochs, (int, float)) or isinstance(epochs, bool) or not 0 <= epochs < float("inf"):
             fail("e2e_epochs", "use a number >= 0 (0 turns the end-to-end stage off)")
         lr = self.e2e_lr
-        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < float("inf"):
-            fail("e2e_lr", "use a positive float, e.g. 1.5e-3")
+        if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < float("inf")):
+            fail("e2e_lr", "use a positive float, e.g. 1.5e-3, or None for the bit width's default")
         for field in ("num_samples", "seq_len"):
             if not is_int(getattr(self, field)) or getattr(self, field) < 1:
                 fail(field, "use a positive integer")
@@ -414,6 +419,13 @@ class DecoupleQConfig(QuantizationConfigMixin):
         if self.blockwise_lr is not None:
             return float(self.blockwise_lr)
         return DEFAULT_BLOCKWISE_LR[self.blockwise_optimizer]
+
+    @property
+    def effective_e2e_lr(self) -> float:
+        """`e2e_lr`, or when it is None the default for `bits`: 1.5e-3 below 4 bits, 3e-4 from 4 bits on."""
+        if self.e2e_lr is not None:
+            return float(self.e2e_lr)
+        return DEFAULT_E2E_LR_LOW_BITS if self.bits < 4 else DEFAULT_E2E_LR_HIGH_BITS
 
     @property
     def effective_modules_to_not_convert(self) -> list[str]:

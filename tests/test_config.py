@@ -20,6 +20,7 @@ from hf_decoupleq.errors import DecoupleQConfigError
         ("seq_len", 1.5, "seq_len=1.5"),
         ("symmetric", "yes", "symmetric='yes'"),
         ("blockwise_lr", -1e-3, "blockwise_lr"),
+        ("e2e_lr", 0.0, "or None for the bit width's default"),
         ("dataset", None, "dataset=None"),
         ("batch_size", "fast", "'auto'"),
         ("batch_size", 0, "batch_size=0"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import build_tiny_model, small_config
@@ -154,15 +155,19 @@ def test_relative_step_size_scales_with_each_layers_scales():
             assert float(delta.max()) >= step * (1 - 1e-3), name
 
 
-def test_pipeline_steps_are_relative_to_each_layers_scales():
-    """The pipeline's stage uses relative steps: one step moves each layer's scales by e2e_lr * its mean |scale|."""
+@pytest.mark.parametrize(
+    ("bits", "e2e_lr", "lr"),
+    [(2, 1e-3, 1e-3), (2, None, 1.5e-3), (3, None, 1.5e-3), (4, None, 3e-4), (4, 1e-3, 1e-3)],
+)
+def test_pipeline_steps_are_relative_to_each_layers_scales(bits, e2e_lr, lr):
+    """The pipeline's stage uses relative steps: one step moves each layer's scales by e2e_lr * its mean |scale|;
+    e2e_lr=None (the default) is 1.5e-3 below 4 bits and 3e-4 from 4 bits on."""
     fp = build_tiny_model("llama")
     windows = _windows(8, 32)
     off = copy.deepcopy(fp)
-    quantize(off, small_config(dataset=windows, num_samples=8, e2e_epochs=0))
+    quantize(off, small_config(dataset=windows, num_samples=8, e2e_epochs=0, bits=bits))
     on = copy.deepcopy(fp)
-    lr = 1e-3
-    cfg = small_config(dataset=windows, num_samples=8, e2e_epochs=1 / 8, e2e_lr=lr)
+    cfg = small_config(dataset=windows, num_samples=8, e2e_epochs=1 / 8, e2e_lr=e2e_lr, bits=bits)
     quantize(on, cfg)
     assert cfg.quantization_stats["e2e"]["steps"] == 1 and cfg.quantization_stats["e2e"]["kept"]
     before = {n: m for n, m in off.named_modules() if isinstance(m, DecoupleQLinear)}

@@ -53,8 +53,8 @@ def run_end_to_end(
     """Train the quantized model's float parts against `teacher` (no-op without one); returns the stage's stats."""
     if teacher is None:
         return None
+    lr = config.effective_e2e_lr
     return train_end_to_end(
-        model, windows, teacher, epochs=config.e2e_epochs, lr=config.e2e_lr, norm_lr=config.e2e_lr,
-        train_norms=config.train_norms, compute_dtype=compute_dtype, device=_input_device(model), seed=config.seed,
-        relative=True,
+        model, windows, teacher, epochs=config.e2e_epochs, lr=lr, norm_lr=lr, train_norms=config.train_norms,
+        compute_dtype=compute_dtype, device=_input_device(model), seed=config.seed, relative=True,
     )  # fmt: skip
