@@ -788,7 +788,8 @@ def driver(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         calib_sha = _common.tensor_sha256(windows)
-        torch.save(windows, args.out / "calibration_windows.pt")
+        if not args.report_only:  # a report only needs the windows' hash, and leaves the records folder as it was
+            torch.save(windows, args.out / "calibration_windows.pt")
     protocols = {k: run_protocol(args, k.split("/", 1)[0], calib_sha) for k in plan}
 
     done = current_records(read_records(results_path), protocols)
