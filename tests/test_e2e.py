@@ -169,7 +169,8 @@ def test_pipeline_steps_are_relative_to_each_layers_scales(bits, e2e_lr, lr):
     on = copy.deepcopy(fp)
     cfg = small_config(dataset=windows, num_samples=8, e2e_epochs=1 / 8, e2e_lr=e2e_lr, bits=bits)
     quantize(on, cfg)
-    assert cfg.quantization_stats["e2e"]["steps"] == 1 and cfg.quantization_stats["e2e"]["kept"]
+    stats = cfg.quantization_stats["e2e"]
+    assert stats["steps"] == 1 and stats["kept"] and stats["lr"] == lr
     before = {n: m for n, m in off.named_modules() if isinstance(m, DecoupleQLinear)}
     mags = []
     for name, m in on.named_modules():

@@ -54,7 +54,9 @@ def run_end_to_end(
     if teacher is None:
         return None
     lr = config.effective_e2e_lr
-    return train_end_to_end(
+    stats = train_end_to_end(
         model, windows, teacher, epochs=config.e2e_epochs, lr=lr, norm_lr=lr, train_norms=config.train_norms,
         compute_dtype=compute_dtype, device=_input_device(model), seed=config.seed, relative=True,
     )  # fmt: skip
+    stats["lr"] = lr  # the step actually used (config.json may record e2e_lr=None, the bit width's default)
+    return stats
