@@ -22,6 +22,8 @@ DEFAULT_BLOCKWISE_LR = {"adam": 1e-5, "signsgd": 5e-3}
 # e2e_lr=None means: this relative step below 4 bits, the smaller one from 4 bits on (measured on SmolLM2-135M).
 DEFAULT_E2E_LR_LOW_BITS = 1.5e-3
 DEFAULT_E2E_LR_HIGH_BITS = 3e-4
+# e2e_samples=None means: this many times num_samples windows for the end-to-end stage (measured on SmolLM2-135M).
+DEFAULT_E2E_SAMPLES_FACTOR = 1.5
 
 # Fields that change the numbers a run produces. A resume directory written with different values is refused.
 # (The end-to-end stage's fields are not among them: it runs after the last block, on the blocks the resume
@@ -150,6 +152,14 @@ class DecoupleQConfig(QuantizationConfigMixin):
             4-bit model starts much closer to the float one; the larger step undid the stage's gain there, see
             docs/benchmarks.md). (Earlier checkpoints record `e2e_lr=3e-4` or `1.5e-3`: the first was an absolute
             step, 5x that for norms.)
+        e2e_samples (`int`, *optional*): calibration windows of the end-to-end stage (one Adam step each per epoch).
+            They are drawn like the block-wise stages' windows, from the same `dataset`, `seq_len` and `seed`, with
+            `e2e_samples` in place of `num_samples`: for local files, `"wikitext2"` and token ids the first
+            `num_samples` of them are the block-wise stages' windows and the rest are new; for `"c4"` and `"pile"`
+            the larger draw reads more documents. `None` (the default) means 1.5 x `num_samples` (192 for 128):
+            fresh windows measured better than a second epoch over the same ones (docs/benchmarks.md). When the data
+            holds fewer distinct windows, or for `dataset="self"` (sampling more would take as long again), the stage
+            trains on the `num_samples` windows; the log says so.
         num_samples (`int`, defaults to 128), seq_len (`int`, defaults to 2048): calibration windows.
         seed (`int`, defaults to 0): seeds window sampling and block-wise batch order.
         modules_to_not_convert (`list[str]`, *optional*): module names kept in full precision (default: `lm_head`
@@ -220,6 +230,7 @@ class DecoupleQConfig(QuantizationConfigMixin):
         train_norms: bool = True,
         e2e_epochs: float = 1.0,
         e2e_lr: float | None = None,
+        e2e_samples: int | None = None,
         num_samples: int = 128,
         seq_len: int = 2048,
         seed: int = 0,
@@ -262,6 +273,7 @@ class DecoupleQConfig(QuantizationConfigMixin):
         self.train_norms = train_norms
         self.e2e_epochs = e2e_epochs
         self.e2e_lr = e2e_lr
+        self.e2e_samples = e2e_samples
         self.num_samples = num_samples
         self.seq_len = seq_len
         self.seed = seed
@@ -331,6 +343,8 @@ class DecoupleQConfig(QuantizationConfigMixin):
         lr = self.e2e_lr
         if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < float("inf")):
             fail("e2e_lr", "use a positive float, e.g. 1.5e-3, or None for the bit width's default")
+        if self.e2e_samples is not None and (not is_int(self.e2e_samples) or self.e2e_samples < 1):
+            fail("e2e_samples", "use a positive integer, or None for 1.5 x num_samples")
         for field in ("num_samples", "seq_len"):
             if not is_int(getattr(self, field)) or getattr(self, field) < 1:
                 fail(field, "use a positive integer")
@@ -426,6 +440,13 @@ class DecoupleQConfig(QuantizationConfigMixin):
         if self.e2e_lr is not None:
             return float(self.e2e_lr)
         return DEFAULT_E2E_LR_LOW_BITS if self.bits < 4 else DEFAULT_E2E_LR_HIGH_BITS
+
+    @property
+    def effective_e2e_samples(self) -> int:
+        """`e2e_samples`, or when it is None `num_samples` x 1.5 (rounded down)."""
+        if self.e2e_samples is not None:
+            return int(self.e2e_samples)
+        return int(self.num_samples * DEFAULT_E2E_SAMPLES_FACTOR)
 
     @property
     def effective_modules_to_not_convert(self) -> list[str]:

@@ -75,6 +75,25 @@ def test_windows_are_distinct_positions_when_enough_exist(tok):
     assert all(torch.equal(w, torch.arange(s, s + 10)) for w, s in zip(out, starts, strict=True))
 
 
+def test_repeats_can_be_refused():
+    rows = torch.arange(8 * 6).view(8, 6)
+    with pytest.raises(DecoupleQDataError, match="8 distinct windows of 6 tokens, fewer than num_samples=9"):
+        get_calibration_windows(rows, num_samples=9, seq_len=6, seed=0, allow_repeats=False)
+    assert get_calibration_windows(rows, num_samples=9, seq_len=6, seed=0).shape == (9, 6)  # repeats by default
+    out = get_calibration_windows(rows, num_samples=8, seq_len=6, seed=0, allow_repeats=False)
+    assert sorted(map(tuple, out.tolist())) == sorted(map(tuple, rows.tolist()))
+
+
+def test_a_larger_draw_from_a_file_starts_with_the_smaller_one(tok, tmp_path):
+    """The end-to-end stage's e2e_samples windows begin with the block-wise stages' num_samples windows."""
+    path = tmp_path / "text.txt"
+    path.write_text("\n\n".join(_texts(n_docs=10)), encoding="utf-8")
+    small = get_calibration_windows(str(path), tok, num_samples=6, seq_len=12, seed=3)
+    large = get_calibration_windows(str(path), tok, num_samples=9, seq_len=12, seed=3, allow_repeats=False)
+    assert torch.equal(large[:6], small)
+    assert len(set(map(tuple, large.tolist()))) == 9
+
+
 def test_tensor_rows_exactly_seq_len_are_each_used_once():
     rows = torch.arange(8 * 6).view(8, 6)
     out = get_calibration_windows(rows, num_samples=8, seq_len=6, seed=0)

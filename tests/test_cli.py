@@ -278,6 +278,7 @@ NON_DEFAULT = {
     "blockwise_optimizer": ("adam", "adam"),
     "e2e_epochs": ("0.5", 0.5),
     "e2e_lr": ("1e-3", 1e-3),
+    "e2e_samples": ("96", 96),
     "num_samples": ("7", 7),
     "seq_len": ("99", 99),
     "seed": ("11", 11),

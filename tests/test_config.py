@@ -21,6 +21,8 @@ from hf_decoupleq.errors import DecoupleQConfigError
         ("symmetric", "yes", "symmetric='yes'"),
         ("blockwise_lr", -1e-3, "blockwise_lr"),
         ("e2e_lr", 0.0, "or None for the bit width's default"),
+        ("e2e_samples", 0, "or None for 1.5 x num_samples"),
+        ("e2e_samples", 96.0, "e2e_samples=96.0"),
         ("dataset", None, "dataset=None"),
         ("batch_size", "fast", "'auto'"),
         ("batch_size", 0, "batch_size=0"),
@@ -85,3 +87,11 @@ def test_batch_size_and_calibration_dtype_default_to_auto():
     assert (fp["batch_size"], fp["calibration_dtype"]) == (8, "bfloat16")
     with pytest.raises(ValueError, match="tokenizer"):
         DecoupleQConfig().result_fingerprint(tokenizer="x")
+
+
+def test_e2e_samples_default_is_one_and_a_half_times_num_samples():
+    assert DecoupleQConfig().effective_e2e_samples == 192
+    assert DecoupleQConfig(num_samples=5).effective_e2e_samples == 7
+    assert DecoupleQConfig(num_samples=5, e2e_samples=3).effective_e2e_samples == 3
+    # Not a result field: the stage runs after the last block, so a resume directory stays valid across it.
+    assert "e2e_samples" not in DecoupleQConfig().result_fingerprint(batch_size=1, calibration_dtype=None)

@@ -23,7 +23,7 @@ def _windows(n=6, t=24, vocab=128, seed=0):
 def _quantized_pair(**overrides):
     fp = build_tiny_model("llama")
     q = copy.deepcopy(fp)
-    cfg = small_config(dataset=_windows(8, 32), method="rtn", blockwise=False, **overrides)
+    cfg = small_config(dataset=_windows(8, 32), method="rtn", blockwise=False, e2e_samples=4, **overrides)
     quantize(q, cfg)
     return fp, q
 
@@ -126,6 +126,47 @@ def test_pipeline_runs_the_stage_and_the_result_reloads(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     with torch.no_grad():
         assert torch.equal(reloaded(windows).logits, on(windows).logits)
+
+
+def test_stage_trains_on_more_windows_drawn_from_the_data(tiny_tokenizer):
+    """e2e_samples=None (1.5 x num_samples): the stage draws 6 windows from the text for num_samples=4; the block-wise
+    stages keep their 4, and the stage's loss is the float64 KL over exactly the 6 (every one a check window)."""
+    from conftest import WIKI_VALID
+
+    from hf_decoupleq.calibration.data import get_calibration_windows
+
+    fp = build_tiny_model("llama", vocab_size=len(tiny_tokenizer))
+    off = copy.deepcopy(fp)
+    quantize(off, small_config(e2e_epochs=0), tokenizer=tiny_tokenizer)
+    on = copy.deepcopy(fp)
+    cfg = small_config(e2e_epochs=1)
+    quantize(on, cfg, tokenizer=tiny_tokenizer)
+    stats = cfg.quantization_stats
+    assert stats["calibration_tokens"] == 4 * 32
+    assert stats["e2e"]["windows"] == 6 and stats["e2e"]["steps"] == 6
+    windows = get_calibration_windows(str(WIKI_VALID), tiny_tokenizer, num_samples=6, seq_len=32, seed=0)
+    assert len(set(map(tuple, windows.tolist()))) == 6
+    kl = stats["e2e"]["kl_before"]
+    assert abs(kl - _kl64(fp, off, windows)) <= 1e-3 * kl
+    # Not the KL over the block-wise stages' 4 windows alone (the first 4 of the 6).
+    assert abs(kl - _kl64(fp, off, windows[:4])) > 1e-2 * kl
+    # Same block-wise stages: the codes of both runs agree.
+    for name, t in on.state_dict().items():
+        if name.endswith("qweight"):
+            assert torch.equal(t, off.state_dict()[name]), name
+
+
+def test_stage_keeps_the_block_wise_windows_when_the_data_has_no_more(caplog):
+    """Token ids holding only num_samples distinct windows: the stage trains on those, and says so."""
+    import logging
+
+    fp = build_tiny_model("llama")
+    q = copy.deepcopy(fp)
+    cfg = small_config(dataset=_windows(8, 32), num_samples=8, e2e_epochs=1 / 8)
+    with caplog.at_level(logging.INFO, logger="hf_decoupleq"):
+        quantize(q, cfg)
+    assert cfg.quantization_stats["e2e"]["windows"] == 8
+    assert "it trains on the 8 block-wise windows instead of e2e_samples=12" in caplog.text
 
 
 def test_relative_step_size_scales_with_each_layers_scales():

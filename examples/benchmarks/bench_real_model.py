@@ -232,18 +232,30 @@ def decoder_linear_stats_fp(model: torch.nn.Module) -> dict[str, Any]:
 def quantize_decoupleq(model, tokenizer, windows, setting: Setting, method: str, args) -> dict[str, Any]:
     """Quantize ``model`` in place with ``hf_decoupleq.quantize``; return the timing and storage fields of a record."""
     from hf_decoupleq import DecoupleQConfig, quantize
+    from hf_decoupleq.calibration.data import get_calibration_windows
 
+    options = {"blockwise_epochs": args.blockwise_epochs, **DECOUPLEQ_METHODS[method], **(args.extra_config or {})}
+    dataset = windows
+    if options.get("e2e_epochs", 1.0) > 0:
+        # The end-to-end stage draws more windows than the others' (e2e_samples): hand the pipeline the text, from
+        # which it draws exactly the benchmark's windows for its block-wise stages (checked here) and more after them.
+        dataset = str(args.calib_data)
+        same = get_calibration_windows(
+            dataset, tokenizer, num_samples=args.num_samples, seq_len=args.calib_seq_len, seed=args.seed
+        )
+        if not torch.equal(same, windows):
+            raise SystemExit(f"{dataset} does not give the benchmark's calibration windows")
     cfg = DecoupleQConfig(
         bits=setting.bits,
         group_size=setting.group_size,
-        dataset=windows,
+        dataset=dataset,
         num_samples=args.num_samples,
         seq_len=args.calib_seq_len,
         seed=args.seed,
         batch_size=args.batch_size,
         calibration_dtype=None if args.calibration_dtype == "model" else args.calibration_dtype,
         device=args.device,
-        **{"blockwise_epochs": args.blockwise_epochs, **DECOUPLEQ_METHODS[method], **(args.extra_config or {})},
+        **options,
     )
     t0 = time.perf_counter()
     quantize(model, cfg, tokenizer=tokenizer)

@@ -307,19 +307,23 @@ def _as_token_rows(dataset: Any, text_column: str = "text") -> list[torch.Tensor
     return None
 
 
-def sample_windows(rows: Sequence[torch.Tensor], num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+def sample_windows(
+    rows: Sequence[torch.Tensor], num_samples: int, seq_len: int, seed: int, *, allow_repeats: bool = True
+) -> torch.Tensor:
     """Cut ``num_samples`` windows of ``seq_len`` tokens at seeded random positions.
 
     When every row holds at least ``seq_len`` tokens, windows never cross a row boundary and are drawn uniformly over
     all ``(row, start)`` candidates; otherwise the rows are concatenated first. Distinct candidates are drawn
     (a seeded permutation) when there are enough of them, so e.g. ``[n, seq_len]`` input with ``num_samples = n``
-    returns each row once; with fewer candidates than ``num_samples`` they repeat, with a warning.
+    returns each row once; with fewer candidates than ``num_samples`` they repeat, with a warning, or
+    (``allow_repeats=False``) the call fails.
 
     Returns:
         `torch.LongTensor` of shape ``[num_samples, seq_len]``.
 
     Raises:
-        DecoupleQDataError: no tokens, or fewer tokens than one window.
+        DecoupleQDataError: no tokens, fewer tokens than one window, or (``allow_repeats=False``) fewer distinct
+            windows than ``num_samples``.
     """
     rows = [r for r in rows if r.numel() > 0]
     n_tokens = sum(r.numel() for r in rows)
@@ -333,6 +337,10 @@ def sample_windows(rows: Sequence[torch.Tensor], num_samples: int, seq_len: int,
         )
     counts = torch.tensor([r.numel() - seq_len + 1 for r in rows], dtype=torch.long)
     total = int(counts.sum())
+    if total < num_samples and not allow_repeats:
+        raise DecoupleQDataError(
+            f"the data holds {total} distinct windows of {seq_len} tokens, fewer than num_samples={num_samples}"
+        )
     gen = torch.Generator().manual_seed(seed)
     if num_samples <= total <= _MAX_PERMUTATION:
         picks = torch.randperm(total, generator=gen)[:num_samples]
@@ -459,6 +467,7 @@ def get_calibration_windows(
     generation_batch_size: int | None = None,
     top_k: int = 50,
     temperature: float = 1.0,
+    allow_repeats: bool = True,
 ) -> torch.Tensor:
     """Build ``num_samples`` calibration windows of ``seq_len`` tokens, reproducibly.
 
@@ -495,6 +504,8 @@ def get_calibration_windows(
         text_column (`str`): text field of json/parquet files and Datasets.
         generation_batch_size, top_k, temperature: sampling settings for ``"self"`` (``generation_batch_size=None``:
             see ``"self"`` above).
+        allow_repeats (`bool`): when the data holds fewer distinct windows than ``num_samples``, repeat windows
+            (with a warning; the default) or fail. (``"self"`` samples as many sequences as asked.)
 
     Returns:
         `torch.LongTensor` of shape ``[num_samples, seq_len]`` on the CPU.
@@ -502,7 +513,8 @@ def get_calibration_windows(
     Raises:
         DecoupleQConfigError: ``num_samples``, ``seq_len`` or a sampling setting is not positive.
         DecoupleQDataError: empty data, fewer tokens than one window, missing file, unknown name or extension,
-            text without a tokenizer, or a tokenizer name that cannot be loaded.
+            text without a tokenizer, a tokenizer name that cannot be loaded, or (``allow_repeats=False``) fewer
+            distinct windows than ``num_samples``.
     """
     for field, value in (("num_samples", num_samples), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -552,6 +564,6 @@ def get_calibration_windows(
         budget = max(_MIN_DOCUMENT_CHARS, num_samples * seq_len * _CHARS_PER_NEEDED_TOKEN)
         texts = load_texts(dataset, text_column=text_column, budget_chars=budget, seed=seed)
         rows = [tokenize_texts(texts, tok)]
-    windows = sample_windows(rows, num_samples, seq_len, seed)
+    windows = sample_windows(rows, num_samples, seq_len, seed, allow_repeats=allow_repeats)
     logger.info("calibration: %d windows of %d tokens (seed %d)", num_samples, seq_len, seed)
     return windows

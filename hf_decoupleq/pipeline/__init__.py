@@ -39,7 +39,7 @@ from ..resume import ResumeStore
 from ..solver.kquant import resolve_gguf_type
 from .block import quantize_block
 from .capture import BlockInputs, StopForward, capture_block_inputs
-from .end_to_end import end_to_end_teacher, run_end_to_end
+from .end_to_end import end_to_end_teacher, end_to_end_windows, run_end_to_end
 from .hessians import _collect_hessians  # noqa: F401 (tests and benchmarks reach it here)
 from .pack import fake_from_packed, forward_quantized_block, pack_block
 from .passes import _check_finite, _forward_all, discover_sequential_groups  # noqa: F401 (as above)
@@ -97,9 +97,10 @@ def quantize_model(model: nn.Module, config: DecoupleQConfig, tokenizer: Any = N
             inputs = capture_block_inputs(model, blocks, windows, batch_size)
         for h in inputs.hidden:
             _check_finite(h, "the calibration activations entering the first decoder block")
-        teacher = end_to_end_teacher(model, windows, config, batch_size, compute_dtype)
+        e2e_windows = end_to_end_windows(model, config, tok, windows)
+        teacher = end_to_end_teacher(model, e2e_windows, config, batch_size, compute_dtype)
         block_stats = _quantize_blocks(blocks, prefix, inputs, config, skip, compute_dtype, store)
-        e2e = run_end_to_end(model, windows, teacher, config, compute_dtype)
+        e2e = run_end_to_end(model, e2e_windows, teacher, config, compute_dtype)
     finally:
         model.train(was_training)
     return record_summary(

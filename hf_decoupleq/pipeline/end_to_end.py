@@ -12,9 +12,53 @@ from torch import nn
 
 from ..config import DecoupleQConfig
 from ..e2e import Teacher, capture_teacher, end_to_end_supported, train_end_to_end
+from ..errors import DecoupleQDataError
 from .capture import _input_device
 
 logger = logging.getLogger(__name__)
+
+
+def _skip_reason(model: nn.Module, config: DecoupleQConfig) -> tuple[int, str] | None:
+    """`(log level, why)` when the stage does not run on this model with this config; None when it does."""
+    if config.e2e_epochs <= 0:
+        return logging.DEBUG, "e2e_epochs=0"
+    if config.gguf_type is not None:
+        # The stage trains scales and zeros freely; a gguf_type checkpoint must keep them on the GGUF grid.
+        return logging.INFO, f"gguf_type={config.gguf_type!r} keeps scales and mins on the GGUF grid"
+    if config.symmetric:
+        # The stage trains each zero on its own; symmetric layers keep zeros = -scales * 2^(bits-1).
+        return logging.INFO, "symmetric=True keeps each zero tied to its scale"
+    reason = end_to_end_supported(model)
+    if reason is not None:
+        return logging.WARNING, reason
+    return None
+
+
+def end_to_end_windows(model: nn.Module, config: DecoupleQConfig, tokenizer: Any, windows: torch.Tensor) -> torch.Tensor:
+    """The stage's calibration windows: `config.effective_e2e_samples` of them, drawn like `windows` (the block-wise
+    stages' `num_samples`) with that count; `windows` itself when the stage does not run, for `dataset="self"`, or
+    when the data holds fewer distinct windows (logged)."""
+    wanted = config.effective_e2e_samples
+    if _skip_reason(model, config) is not None or wanted == len(windows):
+        return windows
+    if wanted < len(windows):
+        return windows[:wanted]
+    if isinstance(config.dataset, str) and config.dataset == "self":
+        logger.info("end-to-end stage: dataset='self', so it trains on the %d sampled windows (e2e_samples=%d would "
+                    "sample again)", len(windows), wanted)  # fmt: skip
+        return windows
+    from ..calibration.data import get_calibration_windows
+
+    try:
+        more = get_calibration_windows(
+            config.dataset, tokenizer, num_samples=wanted, seq_len=config.seq_len, seed=config.seed, model=model,
+            allow_repeats=False,
+        )  # fmt: skip
+    except DecoupleQDataError as exc:
+        logger.info("end-to-end stage: %s; it trains on the %d block-wise windows instead of e2e_samples=%d", exc,
+                    len(windows), wanted)  # fmt: skip
+        return windows
+    return more
 
 
 def end_to_end_teacher(
@@ -23,19 +67,10 @@ def end_to_end_teacher(
 ) -> Teacher | None:  # fmt: skip
     """The full-precision model's outputs for the end-to-end stage, captured before any block changes; None when
     the stage is off or cannot run on this model (the log says why)."""
-    if config.e2e_epochs <= 0:
-        return None
-    if config.gguf_type is not None:
-        # The stage trains scales and zeros freely; a gguf_type checkpoint must keep them on the GGUF grid.
-        logger.info("end-to-end stage skipped: gguf_type=%r keeps scales and mins on the GGUF grid", config.gguf_type)
-        return None
-    if config.symmetric:
-        # The stage trains each zero on its own; symmetric layers keep zeros = -scales * 2^(bits-1).
-        logger.info("end-to-end stage skipped: symmetric=True keeps each zero tied to its scale")
-        return None
-    reason = end_to_end_supported(model)
-    if reason is not None:
-        logger.warning("end-to-end stage skipped: %s", reason)
+    skip = _skip_reason(model, config)
+    if skip is not None:
+        level, why = skip
+        logger.log(level, "end-to-end stage skipped: %s", why)
         return None
     t0 = time.perf_counter()
     teacher = capture_teacher(
@@ -59,4 +94,5 @@ def run_end_to_end(
         compute_dtype=compute_dtype, device=_input_device(model), seed=config.seed, relative=True,
     )  # fmt: skip
     stats["lr"] = lr  # the step actually used (config.json may record e2e_lr=None, the bit width's default)
+    stats["windows"] = len(windows)  # likewise for e2e_samples=None
     return stats
