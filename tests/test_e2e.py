@@ -169,6 +169,17 @@ def test_stage_keeps_the_block_wise_windows_when_the_data_has_no_more(caplog):
     assert "it trains on the 8 block-wise windows instead of e2e_samples=12" in caplog.text
 
 
+def test_self_sampled_data_is_not_sampled_again_for_the_stage(caplog, tiny_tokenizer):
+    import logging
+
+    q = build_tiny_model("llama", vocab_size=len(tiny_tokenizer))
+    cfg = small_config(dataset="self", e2e_epochs=1 / 4)
+    with caplog.at_level(logging.INFO, logger="hf_decoupleq"):
+        quantize(q, cfg, tokenizer=tiny_tokenizer)
+    assert cfg.quantization_stats["e2e"]["windows"] == 4
+    assert "dataset='self', so it trains on the 4 sampled windows (e2e_samples=6" in caplog.text
+
+
 def test_relative_step_size_scales_with_each_layers_scales():
     """relative=True: Adam's first step moves each value by at most lr * mean|scales| of its own layer (a sign step)."""
     fp, q = _quantized_pair()

@@ -637,7 +637,8 @@ def write_report(args: argparse.Namespace, rows: list[dict[str, Any]], methods: 
             f"SmolLM2-135M ({_common.GGUF_NAME} dequantized to float32). WikiText-2 test perplexity, first "
             f"{args.eval_windows} windows of {EVAL_SEQ_LEN} tokens. Calibration: {args.num_samples} windows of "
             f"{args.calib_seq_len} tokens from wiki.valid.tokens, seed {args.seed}, the same token windows for every "
-            "method."
+            "method; the end-to-end stage (decoupleq-e2e) also trains on the windows the same draw gives after them "
+            "(e2e_samples, by default 1.5x as many)."
         ),
         (
             "Bits/weight: storage of the quantized decoder linears (codes + scales + zeros) per weight, as stored in "

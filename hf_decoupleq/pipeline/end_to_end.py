@@ -43,12 +43,12 @@ def end_to_end_windows(model: nn.Module, config: DecoupleQConfig, tokenizer: Any
         return windows
     if wanted < len(windows):
         return windows[:wanted]
-    if isinstance(config.dataset, str) and config.dataset == "self":
-        logger.info("end-to-end stage: dataset='self', so it trains on the %d sampled windows (e2e_samples=%d would "
-                    "sample again)", len(windows), wanted)  # fmt: skip
-        return windows
-    from ..calibration.data import get_calibration_windows
+    from ..calibration.data import SELF_DATASET, get_calibration_windows
 
+    if isinstance(config.dataset, str) and config.dataset == SELF_DATASET:
+        logger.info("end-to-end stage: dataset=%r, so it trains on the %d sampled windows (e2e_samples=%d would "
+                    "sample again)", SELF_DATASET, len(windows), wanted)  # fmt: skip
+        return windows
     try:
         more = get_calibration_windows(
             config.dataset, tokenizer, num_samples=wanted, seq_len=config.seq_len, seed=config.seed, model=model,
