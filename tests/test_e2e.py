@@ -167,6 +167,10 @@ def test_stage_keeps_the_block_wise_windows_when_the_data_has_no_more(caplog):
         quantize(q, cfg)
     assert cfg.quantization_stats["e2e"]["windows"] == 8
     assert "it trains on the 8 block-wise windows instead of e2e_samples=12" in caplog.text
+    # Fewer than num_samples: the first e2e_samples of the block-wise windows (one step each for one epoch).
+    cfg = small_config(dataset=_windows(8, 32), num_samples=8, e2e_samples=3, e2e_epochs=1)
+    quantize(copy.deepcopy(fp), cfg)
+    assert cfg.quantization_stats["e2e"]["windows"] == 3 and cfg.quantization_stats["e2e"]["steps"] == 3
 
 
 def test_self_sampled_data_is_not_sampled_again_for_the_stage(caplog, tiny_tokenizer):
