@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -102,16 +103,51 @@ def capture_teacher(
     return Teacher(hidden=hidden, batch_size=batch_size)
 
 
-def _kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, head: nn.Module, chunk: int = 1024) -> torch.Tensor:
+class _KLFromLogits(torch.autograd.Function):
+    """``sum over tokens of KL(softmax(teacher) || softmax(student))`` from two logit tensors ``[tokens, vocab]``.
+
+    Computed in float32; the gradient with respect to the student logits, ``softmax(student) - softmax(teacher)``,
+    is formed in the forward pass and kept in the logits' dtype, so nothing else of vocabulary size outlives the
+    call (autograd's own graph would keep both log-softmaxes in float32 and recompute exponentials backwards)."""
+
+    @staticmethod
+    def forward(ctx, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        log_p_t = F.log_softmax(teacher_logits.float(), dim=-1)
+        p_t = log_p_t.exp()
+        log_p_s = F.log_softmax(student_logits.float(), dim=-1)
+        log_p_t.sub_(log_p_s)
+        loss = torch.dot(p_t.view(-1), log_p_t.view(-1))
+        del log_p_t
+        grad = log_p_s.exp_().sub_(p_t)
+        ctx.save_for_backward(grad.to(student_logits.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None
+
+
+def _cast_head(head: nn.Module, compute_dtype: torch.dtype | None):
+    """``head`` itself, or for a linear head under autocast a function computing what autocast would (the weight in
+    ``compute_dtype``) from a copy cast once: the head is frozen, and autocast casts a frozen weight at every call
+    (for SmolLM2-135M, 28M values twice per step)."""
+    if compute_dtype is None or type(head) is not nn.Linear or head.weight.dtype == compute_dtype:
+        return head
+    weight = head.weight.detach().to(compute_dtype)
+    bias = None if head.bias is None else head.bias.detach().to(compute_dtype)
+    return lambda x: F.linear(x.to(compute_dtype), weight, bias)
+
+
+def _kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, head: Callable, chunk: int = 1024) -> torch.Tensor:
     """Mean over tokens of ``KL(softmax(head(t)) || softmax(head(s)))``, in float32, ``chunk`` tokens at a time."""
     s = student_hidden.reshape(-1, student_hidden.shape[-1])
     t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).to(s.device)
     total = s.new_zeros((), dtype=torch.float32)
     for start in range(0, s.shape[0], chunk):
-        log_p_s = F.log_softmax(head(s[start:start + chunk]).float(), dim=-1)
         with torch.no_grad():
-            log_p_t = F.log_softmax(head(t[start:start + chunk].to(s.dtype)).float(), dim=-1)
-        total = total + F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
+            teacher_logits = head(t[start:start + chunk].to(s.dtype))
+        total = total + _KLFromLogits.apply(head(s[start:start + chunk]), teacher_logits)
     return total / s.shape[0]
 
 
@@ -225,7 +261,8 @@ def train_end_to_end(
     One Adam step per calibration window, windows in a seeded random order, ``epochs`` passes (fractions allowed),
     cosine decay after a 5% warm-up. ``check_windows`` windows (every k-th) measure the loss before and after; the
     trained values are kept only if it went down. ``relative=True`` (the pipeline's setting) gives each packed layer
-    its own step size, ``lr`` times the mean magnitude of its scales; ``relative=False`` uses ``lr`` itself.
+    its own step size, ``lr`` times the mean magnitude of its scales, and each norm weight ``norm_lr`` times its mean
+    magnitude (at least 0.01); ``relative=False`` uses ``lr`` and ``norm_lr`` themselves.
     """
     t0 = time.perf_counter()
     decoder, head = _parts(model)
@@ -233,6 +270,7 @@ def train_end_to_end(
         # A half-precision model trains float32 copies of its float parts under autocast to its own dtype.
         dtype = next(iter(head.parameters())).dtype
         compute_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else None
+    head = _cast_head(head, compute_dtype)
     pairs = _window_batches(teacher, windows)
     stride = max(len(pairs) // max(check_windows, 1), 1)
     check = pairs[::stride][:check_windows]
@@ -251,7 +289,13 @@ def train_end_to_end(
         ]
     else:
         groups = [{"params": trainable.quant_params, "lr": lr}]
-    if trainable.norms:
+    if trainable.norms and relative:
+        # Likewise each norm weight steps by ``norm_lr`` times its own mean magnitude (SmolLM2-135M's range from
+        # 0.03 to 1.8); at least 0.01 of it, so that a norm stored as an offset from 1 (Gemma's) still trains.
+        groups += [
+            {"params": [p], "lr": norm_lr * max(float(p.detach().abs().mean()), 1e-2)} for p in trainable.norm_params
+        ]
+    elif trainable.norms:
         groups.append({"params": trainable.norm_params, "lr": norm_lr})
     optimizer = torch.optim.Adam(groups, betas=(0.9, 0.95))
     base = [g["lr"] for g in groups]
