@@ -20,8 +20,8 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -81,7 +81,11 @@ def _decode(decoder: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def capture_teacher(
-    model: nn.Module, windows: torch.Tensor, *, batch_size: int, compute_dtype: torch.dtype | None,
+    model: nn.Module,
+    windows: torch.Tensor,
+    *,
+    batch_size: int,
+    compute_dtype: torch.dtype | None,
     device: torch.device,
 ) -> Teacher:
     """Run the full-precision model over the calibration windows; keep the decoder's last hidden states.
@@ -146,8 +150,8 @@ def _kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, head: Callab
     total = s.new_zeros((), dtype=torch.float32)
     for start in range(0, s.shape[0], chunk):
         with torch.no_grad():
-            teacher_logits = head(t[start:start + chunk].to(s.dtype))
-        total = total + _KLFromLogits.apply(head(s[start:start + chunk]), teacher_logits)
+            teacher_logits = head(t[start : start + chunk].to(s.dtype))
+        total = total + _KLFromLogits.apply(head(s[start : start + chunk]), teacher_logits)
     return total / s.shape[0]
 
 
@@ -156,7 +160,7 @@ def _window_batches(teacher: Teacher, windows: torch.Tensor) -> list[tuple[torch
     out = []
     for b, ids in enumerate(windows.split(teacher.batch_size)):
         for i in range(ids.shape[0]):
-            out.append((ids[i:i + 1], teacher.hidden[b][i:i + 1]))
+            out.append((ids[i : i + 1], teacher.hidden[b][i : i + 1]))
     return out
 
 
