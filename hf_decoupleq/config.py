@@ -147,8 +147,8 @@ class DecoupleQConfig(QuantizationConfigMixin):
             `gguf_type` (it would move scales and mins off the GGUF grid) or `symmetric` (it trains each zero on
             its own); the log says it was skipped.
         e2e_lr (`float`, *optional*): relative Adam step size of the end-to-end stage: each packed layer's scales
-            and zeros step by `e2e_lr` times the mean |scale| of that layer, norm weights by `e2e_lr`; 5% warm-up,
-            cosine decay. `None` (the default) picks it by bit width: 1.5e-3 below 4 bits, 3e-4 from 4 bits on (a
+            and zeros step by `e2e_lr` times the mean |scale| of that layer, each norm weight by `e2e_lr` times its
+            own mean magnitude (at least 0.01; until 2026-12-05 by `e2e_lr` itself); 5% warm-up, cosine decay. `None` (the default) picks it by bit width: 1.5e-3 below 4 bits, 3e-4 from 4 bits on (a
             4-bit model starts much closer to the float one; the larger step undid the stage's gain there, see
             docs/benchmarks.md). (Earlier checkpoints record `e2e_lr=3e-4` or `1.5e-3`: the first was an absolute
             step, 5x that for norms.)
