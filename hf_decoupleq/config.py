@@ -148,8 +148,9 @@ class DecoupleQConfig(QuantizationConfigMixin):
             its own); the log says it was skipped.
         e2e_lr (`float`, *optional*): relative Adam step size of the end-to-end stage: each packed layer's scales
             and zeros step by `e2e_lr` times the mean |scale| of that layer, each norm weight by `e2e_lr` times its
-            own mean magnitude (at least 0.01; until 2026-12-05 by `e2e_lr` itself); 5% warm-up, cosine decay. `None` (the default) picks it by bit width: 1.5e-3 below 4 bits, 3e-4 from 4 bits on (a
-            4-bit model starts much closer to the float one; the larger step undid the stage's gain there, see
+            own mean magnitude (at least 0.01; until 2026-12-05 by `e2e_lr` itself); 5% warm-up, cosine decay.
+            `None` (the default) picks it by bit width: 1.5e-3 below 4 bits, 3e-4 from 4 bits on (a 4-bit model
+            starts much closer to the float one; the larger step undid the stage's gain there, see
             docs/benchmarks.md). (Earlier checkpoints record `e2e_lr=3e-4` or `1.5e-3`: the first was an absolute
             step, 5x that for norms.)
         e2e_samples (`int`, *optional*): calibration windows of the end-to-end stage (one Adam step each per epoch).
