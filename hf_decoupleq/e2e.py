@@ -294,8 +294,8 @@ def train_end_to_end(
     else:
         groups = [{"params": trainable.quant_params, "lr": lr}]
     if trainable.norms and relative:
-        # Likewise each norm weight steps by ``norm_lr`` times its own mean magnitude (SmolLM2-135M's range from
-        # 0.03 to 1.8); at least 0.01 of it, so that a norm stored as an offset from 1 (Gemma's) still trains.
+        # Likewise each norm weight steps by ``norm_lr`` times its own mean magnitude (norms of one model differ
+        # widely in size); at least 0.01 of it, so that a norm stored as an offset from 1 (Gemma's) still trains.
         groups += [
             {"params": [p], "lr": norm_lr * max(float(p.detach().abs().mean()), 1e-2)} for p in trainable.norm_params
         ]

@@ -55,6 +55,20 @@ def test_loss_matches_float64_kl_of_the_logits():
     assert abs(ours - ref) <= 1e-4 * ref + 1e-7
 
 
+def test_loss_gradient_matches_float64_autograd():
+    """The loss forms its own gradient (softmax(student) - softmax(teacher)); it must equal autograd's in float64."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=True).double()
+    s = torch.randn(3, 10, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randn(3, 10, 16, dtype=torch.float64, generator=g)
+    (ours,) = torch.autograd.grad(_kl(s, t, head, chunk=7), s)
+    log_p_s = F.log_softmax(head(s.reshape(-1, 16)), -1)
+    log_p_t = F.log_softmax(head(t.reshape(-1, 16)), -1)
+    (ref,) = torch.autograd.grad((log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean(), s)
+    assert float(ref.abs().max()) > 1e-3
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-8)
+
+
 def test_training_lowers_kl_keeps_codes_and_format():
     fp, q = _quantized_pair()
     windows = _windows(8, 32)
