@@ -126,7 +126,9 @@ class DecoupleQConfig(QuantizationConfigMixin):
         rounds (`int`, defaults to 3): alternations of the closed-form (s, z) step and re-rounding (paper's T).
         damp (`float`, defaults to 0.01): relative Hessian dampening (raised tenfold, boundedly, if Cholesky fails).
         method (`str`, defaults to "decoupleq"): "decoupleq", or the baselines "gptq" / "rtn" from the same machinery.
-        integer_zero (`bool`, defaults to False): restrict zeros to the integer grid (GPTQ-format compatible).
+        integer_zero (`bool`, defaults to False): restrict zeros to the integer grid (GPTQ-format compatible): each
+            zero is `-scale * z_int` with an integer `z_int` in the code range. The block-wise stage keeps each
+            group's `z_int` and trains its scale; the end-to-end stage is skipped (it trains zeros on their own).
         blockwise (`bool`, defaults to True): run the block-wise stage (Eq. 2) after each block's layer-wise stage.
         blockwise_epochs (`int`, defaults to 1): passes over the calibration windows in the block-wise stage (the
             paper's Adam setting uses 4).

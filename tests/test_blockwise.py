@@ -33,6 +33,37 @@ def test_fake_quant_linear_matches_result_and_formula():
     assert set(mod.state_dict()) == {"codes", "scales", "zeros", "bias"}  # nothing derived is saved
 
 
+def test_integer_zero_layer_trains_scales_with_its_zero_codes_kept():
+    """A layer solved with integer_zero computes with zeros ``-scales * z_int``: the scale's gradient is the float64
+    one of that formula, and after a training step the zeros are still the same integers times the new scales."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 20, generator=gen)
+    x = torch.randn(20, 64, generator=gen, dtype=torch.float64)
+    q = solve_layer(w, x @ x.T / 64, bits=3, group_size=8, integer_zero=True)
+    assert q.integer_zero
+    z_int = -q.zeros.double() / q.scales.double()
+    torch.testing.assert_close(z_int, z_int.round(), rtol=0, atol=1e-5)
+    mod = FakeQuantLinear.from_result(q)
+    assert "integer_zero=True" in repr(mod)
+    inputs, target = torch.randn(5, 20, generator=gen), torch.randn(5, 6, generator=gen)
+    F.mse_loss(mod(inputs), target).backward()
+    # Reference: W = s (q - z_int) groupwise, in float64 autograd.
+    s = q.scales.double().clone().requires_grad_(True)
+    zi = z_int.round()
+    ref_w = torch.stack([s[:, c // 8] * (q.codes[:, c].double() - zi[:, c // 8]) for c in range(20)], 1)
+    F.mse_loss(inputs.double() @ ref_w.T, target.double()).backward()
+    torch.testing.assert_close(mod.scales.grad.double(), s.grad, rtol=1e-4, atol=1e-7)
+    assert mod.zeros.grad is None or float(mod.zeros.grad.abs().max()) == 0.0
+    with torch.no_grad():
+        mod.scales.mul_(1.1)
+    mod.snap_()
+    out = mod.to_result()
+    assert out.integer_zero
+    torch.testing.assert_close(-out.zeros.double() / out.scales.double(), zi, rtol=0, atol=1e-5)
+    with pytest.raises(DecoupleQConfigError, match="zero_codes"):
+        FakeQuantLinear(q.codes, q.scales, q.zeros, 8, 3, symmetric=True, zero_codes=zi.to(torch.uint8))
+
+
 def test_fake_quant_linear_gradients_and_to_result():
     _, q = _quantized_result()
     mod = FakeQuantLinear.from_result(q)

@@ -286,3 +286,26 @@ def test_symmetric_skips_the_stage(caplog):
     assert layers
     for m in layers:
         torch.testing.assert_close(m.zeros, -m.scales * 2 ** (m.bits - 1), rtol=0, atol=0)
+
+
+def test_integer_zero_keeps_every_zero_an_integer_code_times_its_scale(caplog):
+    """integer_zero promises zeros ``-scales * z_int`` with integer ``z_int`` in the code range: the block-wise stage
+    trains the scales with each group's ``z_int`` kept, and the end-to-end stage (which trains zeros on their own) is
+    skipped."""
+    import logging
+
+    fp = build_tiny_model("llama")
+    q = copy.deepcopy(fp)
+    cfg = small_config(dataset=_windows(8, 32), num_samples=8, e2e_epochs=1, integer_zero=True, blockwise_lr=1e-3)
+    with caplog.at_level(logging.INFO, logger="hf_decoupleq"):
+        quantize(q, cfg)
+    assert "e2e" not in cfg.quantization_stats
+    assert "end-to-end stage skipped: integer_zero=True" in caplog.text
+    blocks = cfg.quantization_stats["blocks"]
+    assert all(b["blockwise_final_mse"] < b["blockwise_initial_mse"] for b in blocks)
+    layers = [m for m in q.modules() if isinstance(m, DecoupleQLinear)]
+    assert layers
+    for m in layers:
+        z_int = (-m.zeros.double() / m.scales.double())
+        torch.testing.assert_close(z_int, z_int.round(), rtol=0, atol=1e-5)
+        assert float(z_int.min()) > -0.5 and float(z_int.max()) < 2**m.bits - 0.5

@@ -28,6 +28,9 @@ def _skip_reason(model: nn.Module, config: DecoupleQConfig) -> tuple[int, str] |
     if config.symmetric:
         # The stage trains each zero on its own; symmetric layers keep zeros = -scales * 2^(bits-1).
         return logging.INFO, "symmetric=True keeps each zero tied to its scale"
+    if config.integer_zero:
+        # Likewise an integer zero is an integer code times its scale.
+        return logging.INFO, "integer_zero=True keeps each zero an integer code times its scale"
     reason = end_to_end_supported(model)
     if reason is not None:
         return logging.WARNING, reason

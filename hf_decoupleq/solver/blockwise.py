@@ -34,6 +34,8 @@ class FakeQuantLinear(nn.Module):
             approximates ``x W^T``. :meth:`dequantize` and :attr:`weight` stay in the rotated basis.
         symmetric: the zeros are tied to ``-2**(bits-1) * scales`` (the ``zeros`` parameter is then unused), so
             training keeps a symmetric layer symmetric (what ``Q4_0`` export needs).
+        zero_codes: optional integer ``[out, G]`` (``integer_zero``): the zeros are tied to ``-zero_codes * scales``
+            (the ``zeros`` parameter is then unused), so training keeps every zero an integer code times its scale.
         grid: a :class:`~hf_decoupleq.solver.kquant.KGrid`: ``scales``/``zeros`` are then latent values whose
             projection onto the k-quant grid (levels re-rounded against the grid's fixed super-scales) is what the
             layer computes with; gradients pass the rounding straight through. :meth:`snap_` writes the projection
@@ -51,6 +53,7 @@ class FakeQuantLinear(nn.Module):
         hadamard_signs: torch.Tensor | None = None,
         symmetric: bool = False,
         grid: Any = None,
+        zero_codes: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if codes.dim() != 2:
@@ -83,6 +86,18 @@ class FakeQuantLinear(nn.Module):
             check_signs(hadamard_signs, in_features)
             self.register_buffer("hadamard_signs", hadamard_signs.detach().to(torch.int8).clone())
         self.symmetric = bool(symmetric)
+        if zero_codes is None:
+            self.zero_codes = None
+        else:
+            if symmetric or grid is not None:
+                raise DecoupleQConfigError("zero_codes (integer zeros) cannot be combined with symmetric or a grid")
+            if tuple(zero_codes.shape) != (out_features, ng):
+                raise DecoupleQConfigError(
+                    f"zero_codes has shape {tuple(zero_codes.shape)}, expected ({out_features}, {ng})"
+                )
+            if int(zero_codes.max()) > max_code(bits) or int(zero_codes.min()) < 0:
+                raise DecoupleQConfigError(f"zero_codes lie outside [0, {max_code(bits)}] for bits={bits}")
+            self.register_buffer("zero_codes", zero_codes.detach().to(torch.uint8).clone())
         if grid is not None and (grid.fmt.bits != bits or grid.fmt.group_size != group_size):
             raise DecoupleQConfigError(
                 f"grid of {grid.fmt.ggml_type} (W{grid.fmt.bits} g{grid.fmt.group_size}) does not match bits={bits}, "
@@ -97,17 +112,20 @@ class FakeQuantLinear(nn.Module):
         cls, result: QuantResult, bias: torch.Tensor | None = None, hadamard_signs: torch.Tensor | None = None
     ) -> FakeQuantLinear:
         """Build from a :class:`QuantResult` (remembering its proxy loss for :meth:`to_result`)."""
+        zero_codes = None
+        if getattr(result, "integer_zero", False):
+            zero_codes = torch.round(-result.zeros.float() / result.scales.float()).clamp_(0, max_code(result.bits))
         mod = cls(
             result.codes, result.scales, result.zeros, result.group_size, result.bits, bias=bias,
             hadamard_signs=hadamard_signs, symmetric=getattr(result, "symmetric", False),
-            grid=getattr(result, "grid", None),
+            grid=getattr(result, "grid", None), zero_codes=zero_codes,
         )  # fmt: skip
         mod._loss = result.loss
         return mod
 
     def effective_scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The scales and zeros the layer computes with: the parameters, projected onto ``grid`` (straight-through)
-        and with zeros tied to the scales when ``symmetric``."""
+        and with zeros tied to the scales when ``symmetric`` or with ``zero_codes``."""
         s, z = self.scales, self.zeros
         if self.grid is not None:
             ps, pz = self.grid.to(s.device).project(s.detach(), z.detach())
@@ -115,12 +133,14 @@ class FakeQuantLinear(nn.Module):
             z = z + (pz - z).detach()
         if self.symmetric:
             z = s * -float(1 << (self.bits - 1))
+        elif self.zero_codes is not None:
+            z = -s * self.zero_codes.to(s.dtype)
         return s, z
 
     @torch.no_grad()
     def snap_(self) -> None:
         """Write :meth:`effective_scales_zeros` into the parameters (a no-op for a free, asymmetric layer)."""
-        if self.grid is None and not self.symmetric:
+        if self.grid is None and not self.symmetric and self.zero_codes is None:
             return
         s, z = self.effective_scales_zeros()
         self.scales.copy_(s)
@@ -181,6 +201,7 @@ class FakeQuantLinear(nn.Module):
             stats={"refined": True},
             symmetric=self.symmetric,
             grid=self.grid,
+            integer_zero=self.zero_codes is not None,
         )
 
     def extra_repr(self) -> str:
@@ -189,6 +210,7 @@ class FakeQuantLinear(nn.Module):
             f"group_size={self.group_size}, bias={self.bias is not None}, "
             f"incoherence={self.hadamard_signs is not None}"
             + (", symmetric=True" if self.symmetric else "")
+            + (", integer_zero=True" if self.zero_codes is not None else "")
             + (f", grid={self.grid.fmt.ggml_type}" if self.grid is not None else "")
         )
 
@@ -388,7 +410,8 @@ def refine_block(
         else:
             opt = _SignSGD(params, _sign_units(block, params), lr=lr, total_steps=epochs * len(steps))
         epoch_losses, diverged = _train(objective, opt, params, steps, epochs=epochs, seed=seed, grad_clip=grad_clip)
-        # Layers on a grid (k-quants) or with tied zeros (symmetric) trained latent values: store what they compute.
+        # Layers on a grid (k-quants) or with tied zeros (symmetric, integer zeros) trained latent values: store what
+        # they compute.
         for module in block.modules():
             if isinstance(module, FakeQuantLinear):
                 module.snap_()

@@ -47,6 +47,8 @@ class QuantResult:
         group_size: effective group size in columns (``in`` when per-channel).
         stats: solver diagnostics (method, rounds run, dampening used, time, total loss per stage).
         symmetric: zeros are tied to ``-2**(bits-1) * scales`` (the block-wise stage keeps them tied).
+        integer_zero: each zero is ``-scales * z_int`` with an integer ``z_int`` in the code range (the block-wise
+            stage keeps each group's ``z_int`` and trains its scale).
         grid: for a k-quant layer (:mod:`hf_decoupleq.solver.kquant`), its :class:`~hf_decoupleq.solver.kquant.KGrid`
             (super-scales); the block-wise stage keeps the scales and zeros on it.
     """
@@ -60,6 +62,7 @@ class QuantResult:
     stats: dict[str, Any] = field(default_factory=dict)
     symmetric: bool = False
     grid: Any = None
+    integer_zero: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -432,7 +435,7 @@ def solve_layer(
     )  # fmt: skip
     return QuantResult(
         codes=codes_u8, scales=scales, zeros=zeros, loss=final, bits=bits, group_size=g, stats=stats,
-        symmetric=symmetric,
+        symmetric=symmetric, integer_zero=integer_zero and not symmetric,
     )
 
 
