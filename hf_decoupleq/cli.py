@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         required=True,
         metavar="gguf[:TYPE]",
-        help="gguf, or gguf:TYPE with TYPE one of q4_0, q4_1, q8_0, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k "
+        help="gguf, or gguf:TYPE with TYPE one of q4_0, q4_1, q8_0, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k "
         "(default: the type that holds the checkpoint exactly)",
     )
     x.add_argument("-o", "--output", required=True, metavar="FILE", help="the .gguf file to write")

@@ -61,7 +61,8 @@ RESULT_FIELDS = (
 # table is hf_decoupleq.solver.kquant.layer_format (this module imports only errors and packing; a test checks that
 # the two agree).
 GGUF_LAYERS = {"q2_k": (2, 16, False), "q3_k": (3, 16, True), "q4_k": (4, 32, False), "q5_k": (5, 32, False),
-               "q4_0": (4, 32, True), "q5_0": (5, 32, True), "q5_1": (5, 32, False)}  # fmt: skip
+               "q6_k": (6, 16, True), "q4_0": (4, 32, True), "q5_0": (5, 32, True), "q5_1": (5, 32, False),
+               "q8_0": (8, 32, True)}  # fmt: skip
 
 # calibration_dtype values: forwards during calibration run under autocast to this dtype.
 CALIBRATION_DTYPES = ("float32", "bfloat16", "float16")
@@ -193,11 +194,13 @@ class DecoupleQConfig(QuantizationConfigMixin):
             `hf_decoupleq.export_gguf` writes exactly what the solver found: "q2_k" (2-bit codes, sub-blocks of 16,
             `s = d sc`, `z = -dmin m` with 4-bit `sc`, `m` and fp16 `d`, `dmin` per 256 weights), "q3_k" (3-bit,
             symmetric `w = d sc (q - 4)`, signed 6-bit `sc`, sub-blocks of 16), "q4_k" (4-bit, sub-blocks of 32, 6-bit
-            `sc`, `m`), "q5_k" (as "q4_k" with 5-bit codes), or the block-32 types "q4_0", "q5_0" (symmetric 4 and
-            5 bits, fp16 scale per 32 weights) and "q5_1" (5-bit, fp16 scale and min). A layer whose `in_features`
-            is not a multiple of 256 gets llama-quantize's fallback type: Q4_0 for "q2_k"/"q3_k", Q5_0 for "q4_k",
-            Q5_1 for "q5_k"; the log names those layers. The packed format has no 5-bit codes, so 5-bit layers are
-            stored with 8-bit codes (values 0-31) in the checkpoint; the GGUF file holds them in 5 bits. `bits`,
+            `sc`, `m`), "q5_k" (as "q4_k" with 5-bit codes), "q6_k" (6-bit, symmetric `w = d sc (q - 32)`, signed
+            8-bit `sc`, sub-blocks of 16), or the block-32 types "q4_0", "q5_0", "q8_0" (symmetric 4, 5 and 8 bits,
+            fp16 scale per 32 weights) and "q5_1" (5-bit, fp16 scale and min). A layer whose `in_features` is not a
+            multiple of 256 gets llama-quantize's fallback type: Q4_0 for "q2_k"/"q3_k", Q5_0 for "q4_k", Q5_1 for
+            "q5_k", Q8_0 for "q6_k"; the log names those layers. The packed format has no 5- or 6-bit codes, so
+            such layers are stored with 8-bit codes (values 0-31 / 0-63) in the checkpoint; the GGUF file holds them
+            in 5 / 6 bits. `bits`,
             `group_size` and `symmetric` are set from the type (leave them at their defaults or give the matching
             values); needs
             `incoherence=False` and `integer_zero=False`. Both stages keep the grid: the block-wise stage trains

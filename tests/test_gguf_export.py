@@ -223,18 +223,19 @@ def test_rotated_and_unsupported_models_are_refused(bpe_tokenizer, tmp_path):
         export_gguf(opt, tmp_path / "o.gguf", tokenizer=bpe_tokenizer)
 
 
-@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K"])
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_k_quant_blocks_read_back_by_gguf(qtype):
     """The k-quant packers write llama.cpp's block layout: gguf-py's reader recovers the values our quantizer chose,
-    and the error is that of a 2/3/4/5-bit grid (a wrong bit position would give garbage)."""
+    and the error is that of a 2/3/4/5/6-bit grid (a wrong bit position would give garbage)."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 512)) * np.exp(rng.standard_normal((8, 1)))
     data = quantize_k(w, qtype)
     assert data.shape == (8, 512 // 256 * gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][1])
     back = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype]).astype(np.float64)
     rel = np.linalg.norm(back - w) / np.linalg.norm(w)
-    # Round-to-nearest on Gaussian data: 2 bits ~0.3+, 3 bits ~0.17, 4 bits ~0.09, 5 bits ~0.045 relative error.
-    bound = {"Q2_K": 0.45, "Q3_K": 0.25, "Q4_K": 0.12, "Q5_K": 0.06}[qtype]
+    # Round-to-nearest on Gaussian data: 2 bits ~0.3+, 3 bits ~0.17, 4 bits ~0.09, 5 bits ~0.045, 6 bits (symmetric,
+    # sub-blocks of 16) ~0.02 relative error.
+    bound = {"Q2_K": 0.45, "Q3_K": 0.25, "Q4_K": 0.12, "Q5_K": 0.06, "Q6_K": 0.03}[qtype]
     assert rel < bound
     # And it is at least as good as gguf-py's own lower-bit reference for the same budget where one exists:
     # every value lies on its sub-block's grid (re-quantizing the dequantized values is lossless).

@@ -21,7 +21,7 @@ from hf_decoupleq.solver.kquant import layer_format
 
 # type -> (code bits, sub-block, scale level range, min level range or None when symmetric)
 GRIDS = {"q2_k": (2, 16, (0, 15), (0, 15)), "q3_k": (3, 16, (-32, 31), None), "q4_k": (4, 32, (0, 63), (0, 63)),
-         "q5_k": (5, 32, (0, 63), (0, 63))}  # fmt: skip
+         "q5_k": (5, 32, (0, 63), (0, 63)), "q6_k": (6, 16, (-128, 127), None)}  # fmt: skip
 
 
 def _problem(n=24, k=512, seed=0):
@@ -41,7 +41,7 @@ def _is_fp16(x: torch.Tensor) -> bool:
 
 def _check_on_grid(result, gguf_type):
     """Brute force: every super-block's scales are an fp16 d times integers in range (and the zeros likewise, or
-    tied to -4 s), re-derived from the stored values, not from the solver's own grid object."""
+    tied to -4 s / -32 s), re-derived from the stored values, not from the solver's own grid object."""
     bits, sub, srange, mrange = GRIDS[gguf_type]
     assert (result.bits, result.group_size) == (bits, sub)
     n, k = result.codes.shape
@@ -51,7 +51,7 @@ def _check_on_grid(result, gguf_type):
     assert ok.all() and np.array_equal(d[:, None] * sc, s)
     assert np.all(sc != 0)  # the solver never makes a zero scale
     if mrange is None:
-        assert np.array_equal(z, -4 * s)
+        assert np.array_equal(z, -float(1 << (bits - 1)) * s)
     else:
         dmin, m, ok = recover_grid(-z, *mrange)
         assert ok.all() and np.array_equal(-dmin[:, None] * m, z)
@@ -69,7 +69,8 @@ def _check_on_grid(result, gguf_type):
 @pytest.mark.parametrize(
     ("gguf_type", "bits", "group_size", "symmetric"),
     [("q2_k", 2, 16, False), ("q3_k", 3, 16, True), ("q4_k", 4, 32, False), ("q5_k", 5, 32, False),
-     ("q4_0", 4, 32, True), ("q5_0", 5, 32, True), ("q5_1", 5, 32, False)],
+     ("q6_k", 6, 16, True), ("q4_0", 4, 32, True), ("q5_0", 5, 32, True), ("q5_1", 5, 32, False),
+     ("q8_0", 8, 32, True)],
 )  # fmt: skip
 def test_config_sets_the_layer_shape_from_the_type(gguf_type, bits, group_size, symmetric):
     cfg = DecoupleQConfig(gguf_type=gguf_type.upper(), incoherence=False)
@@ -92,16 +93,18 @@ def test_config_table_agrees_with_the_solver():
 
 
 def test_config_refuses_bad_gguf_settings():
-    with pytest.raises(DecoupleQConfigError, match=r"gguf_type='q6_k'.*allowed"):
-        DecoupleQConfig(gguf_type="q6_k", incoherence=False)
+    with pytest.raises(DecoupleQConfigError, match=r"gguf_type='q8_k'.*allowed"):
+        DecoupleQConfig(gguf_type="q8_k", incoherence=False)
     with pytest.raises(DecoupleQConfigError, match=r"gguf_layer_types.*set gguf_type"):
         DecoupleQConfig(gguf_layer_types={"x": "q5_k"}, incoherence=False)
     with pytest.raises(DecoupleQConfigError, match=r"gguf_layer_types.*not a regular expression"):
         DecoupleQConfig(gguf_type="q4_k", gguf_layer_types={"model.(": "q5_k"}, incoherence=False)
     with pytest.raises(DecoupleQConfigError, match=r"gguf_layer_types.*must be one of"):
-        DecoupleQConfig(gguf_type="q4_k", gguf_layer_types={"x": "q6_k"}, incoherence=False)
+        DecoupleQConfig(gguf_type="q4_k", gguf_layer_types={"x": "iq4_xs"}, incoherence=False)
     with pytest.raises(DecoupleQConfigError, match=r"bits=5.*use one of"):
-        DecoupleQConfig(bits=5)  # 5-bit codes only inside a GGUF type
+        DecoupleQConfig(bits=5)  # 5- and 6-bit codes only inside a GGUF type
+    with pytest.raises(DecoupleQConfigError, match=r"bits=6.*use one of"):
+        DecoupleQConfig(bits=6)
     with pytest.raises(DecoupleQConfigError, match="needs incoherence=False"):
         DecoupleQConfig(gguf_type="q2_k")
     with pytest.raises(DecoupleQConfigError, match=r"bits=4.*stores bits=2"):
@@ -114,16 +117,19 @@ def test_config_refuses_bad_gguf_settings():
 
 
 def test_fallback_rule_is_llama_quantizes():
-    # llama.cpp (src/llama-quant.cpp, tensor_type_fallback): Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1 when
-    # K % 256 != 0.
+    # llama.cpp (src/llama-quant.cpp, tensor_type_fallback): Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1,
+    # Q6_K -> Q8_0 when K % 256 != 0.
     assert layer_format("q2_k", 1536).ggml_type == "q2_k"
     for t, fb, bits, sym in (("q2_k", "q4_0", 4, True), ("q3_k", "q4_0", 4, True), ("q4_k", "q5_0", 5, True),
-                             ("q5_k", "q5_1", 5, False)):  # fmt: skip
+                             ("q5_k", "q5_1", 5, False), ("q6_k", "q8_0", 8, True)):  # fmt: skip
         fmt = layer_format(t, 576)
         assert (fmt.ggml_type, fmt.fallback_from, fmt.bits, fmt.group_size, fmt.symmetric) == (fb, t, bits, 32, sym)
         # The packed format has no 5-bit codes: those layers are stored with 8-bit codes.
         assert fmt.packed_bits == (8 if bits == 5 else bits)
-    assert layer_format("q4_0", 512).ggml_type == "q4_0"
+    # Nor 6-bit codes: Q6_K layers are stored with 8-bit codes too.
+    fmt = layer_format("q6_k", 512)
+    assert (fmt.ggml_type, fmt.bits, fmt.group_size, fmt.symmetric, fmt.packed_bits) == ("q6_k", 6, 16, True, 8)
+    assert layer_format("q4_0", 512).ggml_type == "q4_0" and layer_format("q8_0", 512).ggml_type == "q8_0"
     with pytest.raises(DecoupleQConfigError, match=r"in_features=100.*modules_to_not_convert"):
         layer_format("q2_k", 100, "mlp.down_proj")
 
@@ -163,9 +169,9 @@ def test_fallback_layers_are_symmetric_with_fp16_scales(caplog):
     assert _is_fp16(res.scales) and torch.equal(res.zeros, -8 * res.scales)
 
 
-@pytest.mark.parametrize("gguf_type", ["q4_0", "q5_0", "q5_1"])
+@pytest.mark.parametrize("gguf_type", ["q4_0", "q5_0", "q5_1", "q8_0"])
 def test_block32_layers_are_what_gguf_reads_back_and_beat_round_to_nearest(gguf_type):
-    from hf_decoupleq.export.ggml_blocks import pack_q4_0, pack_q5_1
+    from hf_decoupleq.export.ggml_blocks import pack_q4_0, pack_q5_1, pack_q8_0
 
     w, h = _problem(k=320)
     fmt = layer_format(gguf_type, 320)
@@ -177,7 +183,8 @@ def test_block32_layers_are_what_gguf_reads_back_and_beat_round_to_nearest(gguf_
     # The type's blocks, read back by gguf-py, are exactly the solver's weights.
     codes, s, z = res.codes.numpy(), res.scales.numpy(), res.zeros.numpy()
     data = {"q4_0": lambda: pack_q4_0(codes, s), "q5_0": lambda: pack_q5_0(codes, s),
-            "q5_1": lambda: pack_q5_1(codes, s, z)}[gguf_type]()  # fmt: skip
+            "q5_1": lambda: pack_q5_1(codes, s, z),
+            "q8_0": lambda: pack_q8_0(codes.astype(np.int16) - 128, s)}[gguf_type]()  # fmt: skip
     back = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[gguf_type.upper()]).reshape(w.shape)
     assert np.array_equal(back, res.dequantize().numpy())
     err = w.double() - res.dequantize().double()
@@ -185,6 +192,9 @@ def test_block32_layers_are_what_gguf_reads_back_and_beat_round_to_nearest(gguf_
     assert res.loss.sum() < 0.9 * solve_layer(w, h, gguf_type=gguf_type, method="rtn").loss.sum()
     if fmt.bits == 5:  # a fifth bit halves the step: far below the 4-bit symmetric layer
         assert res.loss.sum() < 0.5 * solve_layer(w, h, gguf_type="q4_0", rounds=2).loss.sum()
+    if fmt.bits == 8:  # three more bits than Q5_0 (codes reach both ends of the int8 range)
+        assert res.codes.min() == 0 or res.codes.max() == 255
+        assert res.loss.sum() < 0.1 * solve_layer(w, h, gguf_type="q5_0", rounds=2).loss.sum()
 
 
 def test_blockwise_stage_keeps_the_grid_and_ties_symmetric_zeros():
@@ -259,6 +269,33 @@ def test_q5_blocks_read_back_by_gguf():
     assert "codes span" in pack_kquant(codes + 1, scales, zeros, "Q5_K")  # a code of 32 does not fit
 
 
+def test_q6_k_and_q8_0_blocks_read_back_by_gguf():
+    from hf_decoupleq.export.ggml_blocks import pack_kquant, pack_q8_0
+
+    rng = np.random.default_rng(2)
+    # Q6_K from per-sub-block scales on its grid (fp16 d, int8 levels, both ends of the int8 range present) and zeros
+    # tied to -32 s; codes span all 6 bits.
+    codes = rng.integers(0, 64, (3, 512))
+    codes[0, :2] = [0, 63]
+    d = rng.uniform(1e-5, 1e-2, (3, 2, 1)).astype(np.float16).astype(np.float64)
+    sc = rng.integers(-128, 128, (3, 2, 16))
+    sc[:, :, :2] = [-128, 127]
+    scales = (d * sc).reshape(3, 32)
+    data = pack_kquant(codes, scales, -32 * scales, "Q6_K")
+    assert data.shape == (3, 2 * gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q6_K][1])
+    out = gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q6_K).reshape(3, 512)
+    # d * sc * (q - 32) has at most 11 + 7 + 5 significant bits: gguf-py's float32 holds it exactly.
+    assert np.array_equal(out, np.repeat(scales, 16, axis=1) * (codes - 32))
+    assert "codes span" in pack_kquant(codes + 1, scales, -32 * scales, "Q6_K")  # a code of 64 does not fit
+    assert "not -32 * scales" in pack_kquant(codes, scales, -31 * scales, "Q6_K")
+    assert "not fp16 d" in pack_kquant(codes, scales * 1.0001, -32 * scales * 1.0001, "Q6_K")
+    # Q8_0: int8 codes, one fp16 d per 32.
+    codes = rng.integers(-128, 128, (4, 64))
+    d = rng.uniform(1e-4, 1e-1, (4, 2)).astype(np.float16).astype(np.float32)
+    out = gguf.quants.dequantize(pack_q8_0(codes, d), gguf.GGMLQuantizationType.Q8_0).reshape(4, 64)
+    assert np.array_equal(out, np.repeat(d, 32, axis=1) * codes)
+
+
 @pytest.fixture(scope="module")
 def bpe_tokenizer(wiki_text):
     from test_gguf_export import _bpe_tokenizer
@@ -269,6 +306,12 @@ def bpe_tokenizer(wiki_text):
 # llama-quantize's Q4_K_S mix in miniature: Q5_K for some layers (v_proj, whose K = 64 falls back to Q5_1, and one
 # down_proj), Q4_K / its fallback Q5_0 elsewhere.
 MIX = {r"model\.layers\.0\.self_attn\.v_proj": "q5_k", r"model\.layers\.1\.mlp\.down_proj": "q5_k"}
+# Its Q4_K_M in miniature: Q6_K for some v_proj (K = 64: falls back to Q8_0) and down_proj, Q4_K / Q5_0 elsewhere.
+MIX_M = {r"model\.layers\.0\.self_attn\.v_proj": "q6_k", r"model\.layers\.1\.mlp\.down_proj": "q6_k"}
+MIX_M_TYPES = {"model.layers.0.self_attn.v_proj": "Q8_0", "model.layers.1.mlp.down_proj": "Q6_K",
+               "model.layers.0.mlp.down_proj": "Q4_K"}  # fmt: skip
+NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output", "gate_proj": "ffn_gate",
+         "up_proj": "ffn_up", "down_proj": "ffn_down"}  # fmt: skip
 
 
 def _tiny_kquant_model(tokenizer, gguf_type, layer_types=None, **kwargs):
@@ -288,10 +331,8 @@ def _tiny_kquant_model(tokenizer, gguf_type, layer_types=None, **kwargs):
 
 
 @pytest.mark.parametrize(("gguf_type", "fallback"), [("q2_k", "Q4_0"), ("q3_k", "Q4_0"), ("q4_k", "Q5_0"),
-                                                     ("q5_k", "Q5_1")])  # fmt: skip
+                                                     ("q5_k", "Q5_1"), ("q6_k", "Q8_0")])  # fmt: skip
 def test_export_holds_exactly_the_solvers_weights(bpe_tokenizer, tmp_path, caplog, gguf_type, fallback):
-    from test_gguf_export import _file_weight, _read, _unpermute
-
     with caplog.at_level(logging.INFO, logger="hf_decoupleq"):
         model, qc = _tiny_kquant_model(bpe_tokenizer, gguf_type)
     assert "down_proj: in_features" not in caplog.text
@@ -305,15 +346,21 @@ def test_export_holds_exactly_the_solvers_weights(bpe_tokenizer, tmp_path, caplo
     report = export_gguf(model, path, tokenizer=bpe_tokenizer)  # the type comes from the checkpoint's config
     assert report.type_counts() == {"F16": 2, "F32": 5, fallback: 12, gguf_type.upper(): 2}
     assert not report.lossy and report.rel_error == 0.0
+    _check_file_holds_the_weights(model, path, lambda name: gguf_type.upper() if "down_proj" in name else fallback)
+
+
+def _check_file_holds_the_weights(model, path, type_of):
+    """Every quantized layer of the file at `path` has the GGML type `type_of(module name)` and, dequantized by gguf-py,
+    equals the layer's dequantized weight exactly."""
+    from test_gguf_export import _file_weight, _read, _unpermute
+
     _, tensors = _read(path)
-    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}  # fmt: skip
+    checked = 0
     for name, layer in model.named_modules():
         if not isinstance(layer, DecoupleQLinear):
             continue
-        t = tensors[f"blk.{name.split('.')[2]}.{names[name.rsplit('.', 1)[1]]}.weight"]
-        expected = gguf_type.upper() if name.endswith("down_proj") else fallback
-        assert t.tensor_type.name == expected
+        t = tensors[f"blk.{name.split('.')[2]}.{NAMES[name.rsplit('.', 1)[1]]}.weight"]
+        assert t.tensor_type.name == type_of(name), name
         w = _file_weight(t)
         if name.endswith("q_proj"):
             w = _unpermute(w, 4)
@@ -321,20 +368,27 @@ def test_export_holds_exactly_the_solvers_weights(bpe_tokenizer, tmp_path, caplo
             w = _unpermute(w, 2)
         # Per weight, exactly: the solver already rounded d/dmin (and the fallback layers' scales) to fp16.
         assert np.array_equal(w, layer.dequantize_weight().double().numpy()), name
+        checked += 1
+    assert checked == 14
 
 
-@pytest.mark.parametrize("gguf_type", ["q2_k", "q3_k", "q4_k", "mix"])
+@pytest.mark.parametrize("gguf_type", ["q2_k", "q3_k", "q4_k", "mix", "mix_m"])
 def test_llama_cpp_generates_with_kquant_file(bpe_tokenizer, tmp_path, gguf_type):
     """llama.cpp runs the k-quant file (k-quant ffn_down, fallback Q4_0/Q5_0 elsewhere; "mix": Q4_K, Q5_K, Q5_0 and
-    Q5_1 in one file) and continues as we do."""
+    Q5_1 in one file; "mix_m", llama-quantize's Q4_K_M in miniature: Q4_K, Q6_K, Q5_0 and Q8_0) and continues as we
+    do."""
     from test_gguf_export import check_llama_cpp_greedy
 
-    if gguf_type == "mix":
-        model, _ = _tiny_kquant_model(bpe_tokenizer, "q4_k", MIX)
+    if gguf_type in ("mix", "mix_m"):
+        model, _ = _tiny_kquant_model(bpe_tokenizer, "q4_k", MIX if gguf_type == "mix" else MIX_M)
     else:
         model, _ = _tiny_kquant_model(bpe_tokenizer, gguf_type)
     path = tmp_path / f"{gguf_type}.gguf"
-    export_gguf(model, path, tokenizer=bpe_tokenizer)
+    report = export_gguf(model, path, tokenizer=bpe_tokenizer)
+    if gguf_type == "mix_m":  # gguf-py reads every tensor back exactly (before, and without, llama.cpp)
+        assert not report.lossy and report.rel_error == 0.0
+        assert report.type_counts() == {"F16": 2, "F32": 5, "Q5_0": 11, "Q8_0": 1, "Q4_K": 1, "Q6_K": 1}
+        _check_file_holds_the_weights(model, path, lambda name: MIX_M_TYPES.get(name, "Q5_0"))
     check_llama_cpp_greedy(model, bpe_tokenizer, path)
 
 

@@ -528,10 +528,11 @@ def test_dampening_escalates_then_fails_with_a_clear_error():
 def test_invalid_arguments_raise_clear_errors():
     w = torch.randn(4, 16)
     h = torch.eye(16, dtype=F64)
-    with pytest.raises(DecoupleQConfigError, match="bits=6"):
-        solve_layer(w, h, bits=6)
-    # 5 bits (the GGUF Q5 types) is a solver width: codes in [0, 31].
+    with pytest.raises(DecoupleQConfigError, match="bits=7"):
+        solve_layer(w, h, bits=7)
+    # 5 and 6 bits (the GGUF Q5 types, Q6_K) are solver widths: codes in [0, 31] / [0, 63].
     assert 16 <= int(solve_layer(w, h, bits=5, group_size=8).codes.max()) <= 31
+    assert 32 <= int(solve_layer(w, h, bits=6, group_size=8).codes.max()) <= 63
     with pytest.raises(DecoupleQConfigError, match="group_size=0"):
         solve_layer(w, h, group_size=0)
     with pytest.raises(DecoupleQConfigError, match="group_size=-2"):

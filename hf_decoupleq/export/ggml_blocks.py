@@ -20,6 +20,10 @@ the tests compare against.
   sub-blocks of 32, 128 bytes of nibbles; ``w = d sc q - dmin m``.
 * ``Q5_K`` (256 values, 176 bytes): as ``Q4_K`` with 32 bytes of high bits between the scales and the nibbles (bit
   ``i`` of byte ``l`` is the high bit of value ``32 i + l``); codes in ``[0, 31]``.
+* ``Q6_K`` (256 values, 210 bytes): 128 bytes of low nibbles, 64 bytes of high 2 bits, 16 int8 scales for sub-blocks of
+  16, fp16 ``d``; ``w = d sc (q - 32)`` with ``q`` in ``[0, 63]``. Per 128-value half ``h`` (value ``32 j + l`` of
+  it), the low nibble is in byte ``64 h + l + 32 (j % 2)`` of ``ql`` (low nibble for ``j < 2``, high for ``j >= 2``)
+  and the high 2 bits at bits ``2 j`` of byte ``32 h + l`` of ``qh``.
 
 In the k-quants, codes of value ``e`` of a 128-value half (``e = 32 j + l``) sit at bits ``2 j`` (``Q2_K``/``Q3_K``)
 of byte ``l`` of that half's 32 bytes; in ``Q4_K`` a 64-value chunk's 32 bytes hold its first 32 values in the low
@@ -47,7 +51,8 @@ QK = 32
 QK_K = 256
 # (values per block, bytes per block), as in gguf.GGML_QUANT_SIZES.
 BLOCK_SIZES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
-               "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176)}  # fmt: skip
+               "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176),
+               "Q6_K": (256, 210)}  # fmt: skip
 
 
 def _f16_bytes(x: np.ndarray) -> np.ndarray:
@@ -238,6 +243,18 @@ def _pack_q5_k(q, sc, mn, d, dmin) -> np.ndarray:
     return np.concatenate([_super_k(d, dmin), _scales_k(sc, mn), qh, _nibbles_k(q)], axis=-1)
 
 
+def _pack_q6_k(q, sc, d) -> np.ndarray:
+    """``q`` ``[B, 256]`` in ``[0, 63]`` (``w = d sc (q - 32)``), ``sc`` ``[B, 16]`` in ``[-128, 127]``."""
+    b = q.shape[0]
+    qv = q.astype(np.uint8).reshape(b, 2, 4, 32)  # [half, j, l]: value 128 half + 32 j + l
+    low, high = qv & 0x0F, qv >> 4
+    ql = np.concatenate([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], axis=-1)
+    qh = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)
+    scales = sc.astype(np.int8).view(np.uint8).reshape(b, 16)
+    return np.concatenate([ql.reshape(b, 128), qh.reshape(b, 64), scales, _f16_bytes(d[:, None]).reshape(b, 2)],
+                          axis=-1)  # fmt: skip
+
+
 def _quantize_affine_k(x: np.ndarray, sub: int, qmax: int, levels: int, pack) -> np.ndarray:
     """``w = d sc q - dmin m`` types (Q2_K: sub 16, qmax 3, 4-bit levels; Q4_K/Q5_K: sub 32, qmax 15/31, 6-bit
     levels)."""
@@ -254,24 +271,27 @@ def _quantize_affine_k(x: np.ndarray, sub: int, qmax: int, levels: int, pack) ->
     return pack(q, sc, mn, d, dmin)
 
 
-def _quantize_q3_k(x: np.ndarray) -> np.ndarray:
+def _quantize_symmetric_k(x: np.ndarray, mid: int, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``w = d sc (q - mid)`` types on sub-blocks of 16 (Q3_K: mid 4, signed 6-bit scales, levels 32; Q6_K: mid 32,
+    int8 scales, levels 128): codes ``[B, 256]`` in ``[0, 2 mid - 1]``, scales ``[B, 16]``, fp16 ``d`` ``[B]``."""
     b = x.shape[0]
     xs = x.reshape(b * 16, 16)
-    a = _fit_symmetric(xs, -4, 3).reshape(b, 16)
-    # Signed 6-bit scales in [-32, 31] on one fp16 super-scale (the largest magnitude maps onto -32).
+    a = _fit_symmetric(xs, -mid, mid - 1).reshape(b, 16)
+    # Signed scales in [-levels, levels - 1] on one fp16 super-scale (the largest magnitude maps onto -levels).
     idx = np.abs(a).argmax(axis=-1)
     peak = np.take_along_axis(a, idx[:, None], axis=-1)[:, 0]
-    d = (peak / -32).astype(np.float16).astype(np.float64)
+    d = (peak / -levels).astype(np.float16).astype(np.float64)
     inv = np.where(d != 0, 1.0 / np.where(d != 0, d, 1), 0.0)
-    sc = np.clip(np.rint(a * inv[:, None]), -32, 31)
+    sc = np.clip(np.rint(a * inv[:, None]), -levels, levels - 1)
     scale = (d[:, None] * sc).reshape(-1, 1)
     safe = np.where(scale != 0, scale, 1.0)
-    q = np.where(scale != 0, np.clip(np.rint(xs / safe), -4, 3), 0).reshape(b, QK_K) + 4
-    return _pack_q3_k(q, sc, d)
+    q = np.where(scale != 0, np.clip(np.rint(xs / safe), -mid, mid - 1), 0).reshape(b, QK_K) + mid
+    return q, sc, d
 
 
 def quantize_k(w: np.ndarray, qtype: str) -> np.ndarray:
-    """Quantize rows ``w`` ``[N, K]`` (``K`` a multiple of 256) to ``Q2_K``/``Q3_K``/``Q4_K``/``Q5_K`` block bytes.
+    """Quantize rows ``w`` ``[N, K]`` (``K`` a multiple of 256) to ``Q2_K``/``Q3_K``/``Q4_K``/``Q5_K``/``Q6_K`` block
+    bytes.
 
     Round-to-nearest on a per-sub-block search for the sub-block's scale (and min): the lossy conversion of an
     existing checkpoint onto these grids. It takes no calibration data (unlike ``llama-quantize`` with an importance
@@ -288,7 +308,9 @@ def quantize_k(w: np.ndarray, qtype: str) -> np.ndarray:
     elif qtype == "Q5_K":
         out = _quantize_affine_k(x, 32, 31, 63, _pack_q5_k)
     elif qtype == "Q3_K":
-        out = _quantize_q3_k(x)
+        out = _pack_q3_k(*_quantize_symmetric_k(x, 4, 32))
+    elif qtype == "Q6_K":
+        out = _pack_q6_k(*_quantize_symmetric_k(x, 32, 128))
     else:
         raise ValueError(f"no k-quant quantizer for {qtype}")
     return np.ascontiguousarray(out).reshape(n, -1)
@@ -298,12 +320,13 @@ def quantize_k(w: np.ndarray, qtype: str) -> np.ndarray:
 # Exact k-quant packing of a checkpoint whose scales and zeros lie on the grid (DecoupleQConfig.gguf_type).
 # ---------------------------------------------------------------------------------------------------------------------
 
-# type -> (sub-block size, code bits, scale level range, min level range or None for the symmetric Q3_K)
+# type -> (sub-block size, code bits, scale level range, min level range or None for the symmetric Q3_K and Q6_K)
 KQUANT_LEVELS = {
     "Q2_K": (16, 2, (0, 15), (0, 15)),
     "Q3_K": (16, 3, (-32, 31), None),
     "Q4_K": (32, 4, (0, 63), (0, 63)),
     "Q5_K": (32, 5, (0, 63), (0, 63)),
+    "Q6_K": (16, 6, (-128, 127), None),
 }
 
 
@@ -341,8 +364,9 @@ def recover_grid(values: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.n
 
 
 def pack_kquant(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, qtype: str) -> np.ndarray | str:
-    """``Q2_K``/``Q3_K``/``Q4_K``/``Q5_K`` bytes of a layer whose per-sub-block ``scales``, ``zeros`` ``[N, K / sub]`` lie on
-    the type's grid (``s = d sc``, ``z = -dmin m``; ``z = -4 s`` for ``Q3_K``), with codes ``[N, K]``.
+    """``Q2_K``/``Q3_K``/``Q4_K``/``Q5_K``/``Q6_K`` bytes of a layer whose per-sub-block ``scales``, ``zeros``
+    ``[N, K / sub]`` lie on the type's grid (``s = d sc``, ``z = -dmin m``; ``z = -4 s`` for ``Q3_K``, ``z = -32 s``
+    for ``Q6_K``), with codes ``[N, K]``.
 
     Returns the bytes ``[N, K / 256 * type_size]``, or a string saying why the layer is not on the grid.
     """
@@ -361,9 +385,10 @@ def pack_kquant(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, qtype:
         return f"{int((~ok).sum())} of {rows} super-blocks have scales that are not fp16 d * {srange} integers"
     q = codes.reshape(rows, QK_K)
     if mrange is None:
-        if not np.array_equal(z, -4.0 * s):
-            return "zeros are not -4 * scales (Q3_K is symmetric)"
-        out = _pack_q3_k(q, sc, d)
+        mid = 1 << (bits - 1)
+        if not np.array_equal(z, -float(mid) * s):
+            return f"zeros are not -{mid} * scales ({qtype} is symmetric)"
+        out = (_pack_q3_k if qtype == "Q3_K" else _pack_q6_k)(q, sc, d)
     else:
         dmin, mn, ok = recover_grid(-z, *mrange)
         if not ok.all():

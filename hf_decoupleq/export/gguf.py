@@ -13,12 +13,13 @@ of 32 and checkpoints without incoherence processing:
 * ``Q5_1`` (``w = d q + m``): codes in ``[0, 31]`` (``bits <= 4``, or the 5-bit layers of ``gguf_type`` checkpoints,
   stored with 8-bit codes);
 * ``Q4_0`` (``w = d (q - 8)``), ``Q5_0`` (``w = d (q - 16)``), ``Q8_0`` (``w = d q``): symmetric layers
-  (``z = -r s`` with one integer ``r`` per layer, ``r = 2**(bits-1)`` for ``symmetric=True`` checkpoints) whose
-  shifted codes ``q - r + 8`` / ``q - r + 16`` / ``q - r`` fit the type;
-* ``Q2_K``, ``Q3_K``, ``Q4_K``, ``Q5_K``: checkpoints made with ``DecoupleQConfig(gguf_type=...)``, whose float32
-  scales and zeros lie on the k-quant grid: ``d``, ``sc``, ``dmin``, ``m`` are recovered exactly and the file holds
-  exactly the checkpoint's weights (no fp16 rounding left: the solver already rounded ``d`` and ``dmin``; the block-32
-  layers of such a checkpoint also hold fp16 values already).
+  (``z = -r s`` with one integer ``r`` per layer, ``r = 2**(bits-1)`` for ``symmetric=True`` checkpoints, 128 for the
+  ``Q8_0`` layers of ``gguf_type`` checkpoints) whose shifted codes ``q - r + 8`` / ``q - r + 16`` / ``q - r`` fit the
+  type;
+* ``Q2_K``, ``Q3_K``, ``Q4_K``, ``Q5_K``, ``Q6_K``: checkpoints made with ``DecoupleQConfig(gguf_type=...)``, whose
+  float32 scales and zeros lie on the k-quant grid: ``d``, ``sc``, ``dmin``, ``m`` are recovered exactly and the file
+  holds exactly the checkpoint's weights (no fp16 rounding left: the solver already rounded ``d`` and ``dmin``; the
+  block-32 layers of such a checkpoint also hold fp16 values already).
 
 Anything else (other group sizes, asymmetric to ``Q4_0``, k-quants of other checkpoints, rotated checkpoints) only goes
 through ``lossy=True``: the dequantized weight is requantized to the type and the relative weight error it adds is logged.
@@ -50,11 +51,12 @@ __all__ = ["ARCHITECTURES", "GGUF_TYPES", "GGUFExportReport", "TensorRecord", "e
 # transformers model_type -> (gguf architecture, whether llama.cpp expects q/k rows permuted for its RoPE layout).
 ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
 # Quantized tensor types this exporter writes (lower case, as in ``--format gguf:q4_0``).
-GGUF_TYPES = ("q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k")
+GGUF_TYPES = ("q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 FLOAT_TYPES = ("f16", "f32")
 _FILE_TYPES = {
     "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q8_0": "MOSTLY_Q8_0", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1",
     "q2_k": "MOSTLY_Q2_K", "q3_k": "MOSTLY_Q3_K_S", "q4_k": "MOSTLY_Q4_K_S", "q5_k": "MOSTLY_Q5_K_S",
+    "q6_k": "MOSTLY_Q6_K",
     "f16": "MOSTLY_F16", "f32": "ALL_F32",
 }  # fmt: skip
 # Pre-tokenizer regexes of the tokenizer families llama.cpp knows by name (tokenizer.json "Split" patterns).
@@ -394,7 +396,7 @@ def _requantize(w: np.ndarray, qtype: str) -> np.ndarray:
     """Quantize a float weight ``[N, K]`` to ``qtype`` block bytes (lossy)."""
     import gguf
 
-    if qtype in ("q2_k", "q3_k", "q4_k", "q5_k"):
+    if qtype.upper() in KQUANT_LEVELS:
         return quantize_k(w, qtype.upper())
     return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), gguf.GGMLQuantizationType[qtype.upper()])
 

@@ -1,5 +1,5 @@
-"""decoupleQ inside llama.cpp's k-quant block structures (``Q2_K``, ``Q3_K``, ``Q4_K``, ``Q5_K``) and the block-32
-types (``Q4_0``, ``Q5_0``, ``Q5_1``) they fall back to.
+"""decoupleQ inside llama.cpp's k-quant block structures (``Q2_K``, ``Q3_K``, ``Q4_K``, ``Q5_K``, ``Q6_K``) and the
+block-32 types (``Q4_0``, ``Q5_0``, ``Q5_1``, ``Q8_0``) they fall back to.
 
 A k-quant layer is an ordinary decoupleQ layer (codes, one scale and zero per group) whose groups are the k-quant's
 sub-blocks and whose scales and zeros lie exactly on the k-quant's grid. Per super-block of 256 input columns:
@@ -9,19 +9,22 @@ sub-blocks and whose scales and zeros lie exactly on the k-quant's grid. Per sup
 * ``Q3_K``: 16 sub-blocks of 16, 3-bit codes, symmetric ``w = d sc (q - 4)``, i.e. ``s = d sc``, ``z = -4 s`` with a
   signed 6-bit ``sc`` in ``[-32, 31]`` and fp16 ``d``;
 * ``Q4_K``: 8 sub-blocks of 32, 4-bit codes, ``s = d sc``, ``z = -dmin m`` with ``sc``, ``m`` in ``[0, 63]``;
-* ``Q5_K``: as ``Q4_K`` with 5-bit codes.
+* ``Q5_K``: as ``Q4_K`` with 5-bit codes;
+* ``Q6_K``: 16 sub-blocks of 16, 6-bit codes, symmetric ``w = d sc (q - 32)``, i.e. ``s = d sc``, ``z = -32 s`` with a
+  signed 8-bit ``sc`` in ``[-128, 127]`` and fp16 ``d``.
 
-A super-scale is fp16 and a level a small integer, so ``d * sc`` (at most 11 + 6 significant bits) is exact in float32:
+A super-scale is fp16 and a level a small integer, so ``d * sc`` (at most 11 + 7 significant bits) is exact in float32:
 a float32 checkpoint holds the grid exactly and the GGUF export recovers ``d``, ``sc``, ``dmin`` and ``m`` from it.
 The solver never produces a zero scale (``sc`` is kept away from 0), so GPTQ's divisions stay finite.
 
 Layers whose input size is not a multiple of 256 get the type ``llama-quantize`` falls back to (``src/llama-quant.cpp``
 of the llama.cpp tree vendored in llama-cpp-python 0.3.36: ``Q2_K``/``Q3_K`` -> ``Q4_0``, ``Q4_K`` -> ``Q5_0``,
-``Q5_K`` -> ``Q5_1``; a size that is not a multiple of 32 would be F16 there). The block-32 types have one fp16 scale
-per 32 weights: ``Q4_0`` and ``Q5_0`` are symmetric 4- and 5-bit layers (``w = d (q - 8)``, ``w = d (q - 16)``),
-``Q5_1`` an asymmetric 5-bit layer with an fp16 min (``w = d q + m``). The packed format has no 5-bit codes: 5-bit
-layers are stored with 8-bit codes in ``[0, 31]`` (:attr:`LayerFormat.packed_bits`), and the GGUF export writes them
-back in 5 bits exactly.
+``Q5_K`` -> ``Q5_1``, ``Q6_K`` -> ``Q8_0``; a size that is not a multiple of 32 would be F16 there). The block-32 types
+have one fp16 scale per 32 weights: ``Q4_0``, ``Q5_0`` and ``Q8_0`` are symmetric 4-, 5- and 8-bit layers
+(``w = d (q - 8)``, ``w = d (q - 16)``, ``w = d (q - 128)``: ``Q8_0``'s int8 code is ``q - 128``), ``Q5_1`` an
+asymmetric 5-bit layer with an fp16 min (``w = d q + m``). The packed format has no 5- or 6-bit codes: such layers are
+stored with 8-bit codes in ``[0, 31]`` / ``[0, 63]`` (:attr:`LayerFormat.packed_bits`), and the GGUF export writes
+them back in 5 / 6 bits exactly.
 
 The layer-wise solve (:func:`solve_layer_kquant`) alternates, keeping the best of every step per row:
 
@@ -74,9 +77,9 @@ __all__ = [
 
 QK_K = 256
 # The values of DecoupleQConfig.gguf_type.
-GGUF_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q4_0", "q5_0", "q5_1")
+GGUF_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_0", "q5_0", "q5_1", "q8_0")
 # llama-quantize's fallback for rows whose length is not a multiple of 256 (llama-quant.cpp, tensor_type_fallback).
-K_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1"}
+K_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 _F16_TINY = 2.0**-24  # the smallest positive fp16 (subnormal)
 
 
@@ -106,7 +109,7 @@ class LayerFormat:
 
     @property
     def packed_bits(self) -> int:
-        """The code width of the packed module that holds the layer (8 for the 5-bit types)."""
+        """The code width of the packed module that holds the layer (8 for the 5- and 6-bit types)."""
         return storage_bits(self.bits)
 
     @property
@@ -120,9 +123,11 @@ _FORMATS = {
     "q3_k": LayerFormat("q3_k", 3, 16, True, (-32, 31)),
     "q4_k": LayerFormat("q4_k", 4, 32, False, (0, 63), (0, 63)),
     "q5_k": LayerFormat("q5_k", 5, 32, False, (0, 63), (0, 63)),
+    "q6_k": LayerFormat("q6_k", 6, 16, True, (-128, 127)),
     "q4_0": LayerFormat("q4_0", 4, 32, True),
     "q5_0": LayerFormat("q5_0", 5, 32, True),
     "q5_1": LayerFormat("q5_1", 5, 32, False),
+    "q8_0": LayerFormat("q8_0", 8, 32, True),
 }
 
 
@@ -187,7 +192,7 @@ class KGrid:
 @dataclass(frozen=True, eq=False)
 class Fp16Grid:
     """The grid of the block-32 types: scales rounded to fp16 (the type's ``d``); zeros tied to
-    ``-2**(bits-1) * scales`` (``Q4_0``, ``Q5_0``) or rounded to fp16 (the min ``m`` of ``Q5_1``)."""
+    ``-2**(bits-1) * scales`` (``Q4_0``, ``Q5_0``, ``Q8_0``) or rounded to fp16 (the min ``m`` of ``Q5_1``)."""
 
     fmt: LayerFormat
 
@@ -300,9 +305,10 @@ def subblock_fit(w: torch.Tensor, weights: torch.Tensor, fmt: LayerFormat, steps
     (``weights`` ``[K]``, e.g. ``diag H``), over a grid of candidate ranges, each re-fitted by weighted least squares
     on its codes.
 
-    Asymmetric: the range ``[min, min + f (max - min)]``. Symmetric (``Q3_K``): the value of largest magnitude is
-    mapped onto code 0, i.e. onto the longer, negative side ``-2**(bits-1) s`` of the code range (the scale takes the
-    opposite sign of that value), shrunk by ``f``; the scale's sign is free per sub-block.
+    Asymmetric: the range ``[min, min + f (max - min)]``. Symmetric (``Q3_K``, ``Q6_K``, the block-32 types): the
+    value of largest magnitude is mapped onto code 0, i.e. onto the longer, negative side ``-2**(bits-1) s`` of the
+    code range (the scale takes the opposite sign of that value), shrunk by ``f``; the scale's sign is free per
+    sub-block.
     """
     n, k = w.shape
     g = fmt.group_size
@@ -412,7 +418,7 @@ def solve_layer_kquant(
     ``method="rtn"`` / ``"gptq"``: min-max sub-block ranges projected onto the grid, codes by round-to-nearest / GPTQ,
     no alternation. ``"decoupleq"``: the alternation of the module doc with ``rounds`` rounds.
     """
-    from .layerwise import QuantResult, _fast_low_precision, _validate
+    from .layerwise import QuantResult, _fast_low_precision, _validate, scale_zero_step
     from .rounding import DEFAULT_BLOCK_SIZE, gptq_round, prepare_gptq
 
     if not fmt.is_kquant:
@@ -439,7 +445,7 @@ def solve_layer_kquant(
             clip_dtype = _fast_low_precision(w.device) if cd == torch.float32 else cd
         # Two starting points, projected onto the grid, the better (H-weighted loss of round-to-nearest) kept per
         # row: the per-row clipping search of Eq. 12 (asymmetric types), and a per-sub-block fit weighted by diag H
-        # (which also picks each Q3_K sub-block's sign).
+        # (which also picks each Q3_K / Q6_K sub-block's sign).
         starts = [subblock_fit(w, h.diagonal(), fmt)]
         if not fmt.symmetric:
             starts.append(clip_search(w, h, bits, g, False, False, steps=grid_steps, eval_dtype=clip_dtype)[:2])
@@ -482,8 +488,6 @@ def solve_layer_kquant(
             for i, (old, new) in enumerate(zip(state, candidate)):
                 state[i] = torch.where(take.reshape(-1, *([1] * (old.dim() - 1))), new, old)
             return torch.where(take, cand_loss, loss)
-
-        from .layerwise import scale_zero_step
 
         for _ in range(rounds):
             codes, d, sc, dmin, m = state
@@ -534,8 +538,8 @@ def solve_layer_block32(
     grid_steps: tuple[int, ...] = (16, 4, 1),
     **_: Any,
 ):
-    """A block-32 layer with fp16 scales: symmetric ``w = d (q - 2**(bits-1))`` (``Q4_0``, ``Q5_0``) or asymmetric
-    ``w = d q + m`` with an fp16 ``m`` (``Q5_1``).
+    """A block-32 layer with fp16 scales: symmetric ``w = d (q - 2**(bits-1))`` (``Q4_0``, ``Q5_0``, ``Q8_0``) or
+    asymmetric ``w = d q + m`` with an fp16 ``m`` (``Q5_1``).
 
     As :func:`solve_layer_kquant` without levels: the starting points are the per-group fit weighted by ``diag H`` (for
     symmetric types the scale's sign is free per group, so the weight of largest magnitude lands on the longer side

@@ -13,9 +13,9 @@ import torch
 
 from ..errors import DecoupleQConfigError
 
-# Code widths the solver handles. The packed format stores 2, 3, 4 and 8 (``hf_decoupleq.format``); 5-bit codes (the
-# GGUF types Q5_0, Q5_1, Q5_K) are stored there in 8-bit words (``hf_decoupleq.format.storage_bits``).
-SUPPORTED_BITS = (2, 3, 4, 5, 8)
+# Code widths the solver handles. The packed format stores 2, 3, 4 and 8 (``hf_decoupleq.format``); 5- and 6-bit codes
+# (the GGUF types Q5_0, Q5_1, Q5_K, Q6_K) are stored there in 8-bit words (``hf_decoupleq.format.storage_bits``).
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 # Number of points of the Eq. 12 clipping grid: p = 1 - j / 200 for j = 0..160 (p from 1 down to 0.2).
 GRID_POINTS = 161
 GRID_STEP = 1.0 / 200.0
