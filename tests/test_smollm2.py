@@ -50,8 +50,10 @@ def test_w4_g128_is_close_to_fp32_and_beats_rtn(smollm2, shared_data):
         "batch_size": 8,
     }
     variants = {
-        # The baselines without the end-to-end stage (it runs after any layer-wise method unless turned off).
-        "rtn": {"method": "rtn", "blockwise": False, "incoherence": False, "e2e_epochs": 0},
+        # The baselines without the end-to-end stage (it runs after any layer-wise method unless turned off). RTN's
+        # weights do not depend on the data, so 4 windows do (its calibration passes only feed the next blocks).
+        "rtn": {"method": "rtn", "blockwise": False, "incoherence": False, "e2e_epochs": 0, "dataset": windows[:4],
+                "num_samples": 4},
         # The plain layer-wise stage keeps the path without incoherence covered on a real model.
         "layerwise": {"method": "decoupleq", "blockwise": False, "incoherence": False, "e2e_epochs": 0},
         # The full method with the library defaults (SignSGD block-wise stage for 1 epoch, incoherence processing),
@@ -60,7 +62,7 @@ def test_w4_g128_is_close_to_fp32_and_beats_rtn(smollm2, shared_data):
     }
     for label, kw in variants.items():
         model = load()
-        hf_decoupleq.quantize(model, DecoupleQConfig(**common, **kw))
+        hf_decoupleq.quantize(model, DecoupleQConfig(**{**common, **kw}))
         assert sum(isinstance(m, DecoupleQLinear) for m in model.modules()) == 30 * 7
         assert all((m.hadamard_signs is not None) == (label == "full") for m in model.modules()
                    if isinstance(m, DecoupleQLinear))  # fmt: skip
