@@ -62,7 +62,8 @@ DEFAULT_LLAMA_CPP = Path(
 REPO = Path(__file__).resolve().parents[2]
 # llama.cpp's name for each --types entry: (llama-quantize type argument, extra flags).
 LLAMA_TYPES = {"q4_0": ("Q4_0", []), "q3_k_s": ("Q3_K_S", []), "q2_k_pure": ("Q2_K", ["--pure"]),
-               "q4_k_s": ("Q4_K_S", [])}  # fmt: skip
+               "q4_k_s": ("Q4_K_S", []), "q4_k_m": ("Q4_K_M", []), "q5_k_m": ("Q5_K_M", []),
+               "q6_k": ("Q6_K", [])}  # fmt: skip
 
 
 def cpu_model() -> str:
@@ -323,10 +324,18 @@ def main() -> None:
     p.add_argument("--ours-q4-k-s", default="gguf_type=q4_k",
                    help="checkpoint for q4_k_s (Q4_K where K % 256 == 0, Q5_0 elsewhere, and the layers llama.cpp's "
                    "file makes Q5_K / Q5_1 likewise)")
+    p.add_argument("--ours-q4-k-m", default="gguf_type=q4_k",
+                   help="checkpoint for q4_k_m (as q4_k_s; the layers llama.cpp's file makes Q6_K, or Q8_0 where Q6_K "
+                   "falls back, likewise)")
+    p.add_argument("--ours-q5-k-m", default="gguf_type=q5_k",
+                   help="checkpoint for q5_k_m (Q5_K where K % 256 == 0, Q5_1 elsewhere, the Q6_K / Q8_0 layers of "
+                   "llama.cpp's file likewise)")
+    p.add_argument("--ours-q6-k", default="gguf_type=q6_k", help="checkpoint for q6_k (Q6_K, the Q8_0 fallback elsewhere)")
     p.add_argument("--allow-lossy", action="store_true", help="export through requantization where not exact")
     args = p.parse_args()
     args.ours_config = {"q4_0": args.ours_q4_0, "q2_k_pure": args.ours_q2_k_pure, "q3_k_s": args.ours_q3_k_s,
-                        "q4_k_s": args.ours_q4_k_s}  # fmt: skip
+                        "q4_k_s": args.ours_q4_k_s, "q4_k_m": args.ours_q4_k_m, "q5_k_m": args.ours_q5_k_m,
+                        "q6_k": args.ours_q6_k}  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     Path(args.work).mkdir(parents=True, exist_ok=True)
     {"agreement": stage_agreement, "compare": stage_compare}[args.stage](args)
