@@ -261,25 +261,22 @@ def fixed_protocol_ppl() -> float:
     eval_input = evaluation_input(tok, _common.DEFAULT_EVAL_PATH, 0)
     return perplexity(q, tok, eval_input, seq_len=2048, max_windows=40, progress=False).ppl
 
-for alpha in [float(x) for x in a.alphas.split(",") if x]:
-    flips, total, secs = apply(alpha)
-    kl = check_kl()
-    rec = {"alpha": alpha, "fisher": a.fisher, "damp": a.damp, "floor": a.floor, "flips": flips, "frac": flips / total,
-           "check_kl": kl, "check_kl_base": base, "round_s": secs, "grad": a.grad, "check": a.check, "ckpt": a.ckpt}
-    if alpha in ppl_values:
+
+def report(rec: dict, value: float) -> None:
+    """Measure the changed model, write ``rec`` with the measurements, and put the original codes back."""
+    rec.update({"check_kl": check_kl(), "check_kl_base": base, "grad": a.grad, "check": a.check, "ckpt": a.ckpt})
+    if value in ppl_values:
         rec["ppl"] = fixed_protocol_ppl()
     print(json.dumps(rec), flush=True)
     with open(a.out, "a") as f:
         f.write(json.dumps(rec) + "\n")
     restore()
 
-for k in ([int(x) for x in a.diag.split(",")] if a.diag else []):
+
+for alpha in [float(x) for x in a.alphas.split(",") if x]:
+    flips, total, secs = apply(alpha)
+    report({"alpha": alpha, "fisher": a.fisher, "damp": a.damp, "floor": a.floor, "flips": flips,
+            "frac": flips / total, "round_s": secs}, alpha)  # fmt: skip
+for k in [int(x) for x in a.diag.split(",")] if a.diag else []:
     flips, thr = apply_diag(k)
-    kl = check_kl()
-    rec = {"diag_k": k, "fisher": a.fisher, "floor": a.floor, "flips": flips, "thr": thr, "check_kl": kl, "check_kl_base": base, "grad": a.grad, "check": a.check, "ckpt": a.ckpt}
-    if k in ppl_values:
-        rec["ppl"] = fixed_protocol_ppl()
-    print(json.dumps(rec), flush=True)
-    with open(a.out, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-    restore()
+    report({"diag_k": k, "fisher": a.fisher, "floor": a.floor, "flips": flips, "thr": thr}, k)
