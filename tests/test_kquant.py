@@ -411,7 +411,6 @@ def test_per_layer_types_solve_save_resume_and_export_exactly(bpe_tokenizer, tmp
     """`gguf_layer_types` (llama-quantize's mixes): each layer gets its own type, 5-bit layers are stored with 8-bit
     codes in [0, 31], a reload and a resumed run rebuild the same shapes and weights, and the export writes each
     layer's type exactly (read back per weight by gguf-py)."""
-    from test_gguf_export import _file_weight, _read, _unpermute
     from transformers import AutoModelForCausalLM
 
     model, _ = _tiny_kquant_model(bpe_tokenizer, "q4_k", MIX, checkpoint_dir=str(tmp_path / "resume"))
@@ -443,16 +442,7 @@ def test_per_layer_types_solve_save_resume_and_export_exactly(bpe_tokenizer, tmp
     report = export_gguf(tmp_path / "ckpt", path)
     assert not report.lossy and report.rel_error == 0.0
     assert report.type_counts() == {"F16": 2, "F32": 5, "Q5_0": 11, "Q5_1": 1, "Q4_K": 1, "Q5_K": 1}
-    _, tensors = _read(path)
-    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}  # fmt: skip
-    for name, layer in layers.items():
-        t = tensors[f"blk.{name.split('.')[2]}.{names[name.rsplit('.', 1)[1]]}.weight"]
-        assert t.tensor_type.name == expected.get(name, ("q5_0",))[0].upper(), name
-        w = _file_weight(t)
-        if name.endswith(("q_proj", "k_proj")):
-            w = _unpermute(w, 4 if name.endswith("q_proj") else 2)
-        assert np.array_equal(w, layer.dequantize_weight().double().numpy()), name
+    _check_file_holds_the_weights(model, path, lambda name: expected.get(name, ("q5_0",))[0].upper())
 
 
 def test_symmetric_checkpoint_with_blockwise_stage_exports_to_q4_0(bpe_tokenizer, tmp_path):
